@@ -1,0 +1,223 @@
+"""Everything MLflow: where the store is, one run per training, and what each run records.
+
+The default store is SQLite, `mlflow.db` at the repository root, with artifacts in `mlartifacts/`
+beside it, both found by absolute path: DVC runs `--temp` and queued experiments in copies under
+`.dvc/tmp/exps/`, and a store resolved from the current directory would silently lose those runs.
+`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from pipeline.errors import Terminated, TrackingError
+
+EXPERIMENT = "mnist-batchnorm"
+REGISTERED_MODEL = "mnist-bn-mlp"
+CHAMPION = "champion"
+_HEALTH_TIMEOUT = 5.0
+
+# Fail fast against a server that is down instead of MLflow's default minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+def project_root() -> Path:
+    """The repository root, also when DVC runs this code from a copy under `<root>/.dvc/tmp/exps/`."""
+    here = Path(__file__).resolve().parents[1]
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go to `mlartifacts/` beside the database, never into the current
+    directory (MLflow's default); a server keeps its own artifact store."""
+    database = _sqlite_path(uri)
+    return (database.parent / "mlartifacts").as_uri() if database else None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within seconds, before any training, if the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT)
+            response.raise_for_status()
+        except requests.RequestException as error:
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
+                "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+            ) from None
+    elif (database := _sqlite_path(uri)) and not database.parent.is_dir():
+        raise TrackingError(
+            f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
+        )
+
+
+def connect() -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+        except MlflowException:  # created meanwhile by a concurrent run (a queued experiment)
+            return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    except MlflowException as error:
+        raise TrackingError(
+            f"the MLflow store {uri} cannot be used ({error.message.splitlines()[0]}); check MLFLOW_TRACKING_URI."
+        ) from None
+
+
+@contextmanager
+def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
+    """Start (or resume, with `run_id`) a run that never stays RUNNING: KILLED on Ctrl-C/SIGTERM, FAILED on error."""
+    import mlflow
+
+    experiment_id = connect()
+    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, **start_kwargs)
+    try:
+        yield active
+    except (KeyboardInterrupt, Terminated):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def resume(run_id: str) -> Any:
+    """Re-open the run that trained the model, with a clear error if this store does not have it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    connect()
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise TrackingError(
+            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {tracking_uri()}; "
+            "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
+        ) from None
+    return run(run_id=run_id)
+
+
+def record_model_quality(run_id: str, test_accuracy: float) -> None:
+    """Tag the run's registered model version with its test accuracy, and move the `champion` alias
+    to it only if it beats the current champion."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    if not versions:
+        return
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
+    try:
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        best = float(champion.tags.get("test_accuracy", "-1"))
+    except MlflowException:  # no champion yet
+        best = -1.0
+    if test_accuracy > best:
+        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+
+
+def file_md5(path: Path) -> str:
+    """The MD5 that DVC records for a file in dvc.lock, so a run can be matched to its data."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def data_tags(files: dict[str, Path]) -> dict[str, str]:
+    """`data_md5.<split>` tags: the same MD5s that dvc.lock records for the prepared data."""
+    return {f"data_md5.{name}": file_md5(path) for name, path in files.items()}
+
+
+def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, str]:
+    """Tags that lead from a run back to its code, configuration, data and DVC experiment."""
+    tags = {"params_md5": file_md5(params_file), **data_tags(data_files)}
+    if commit := _git("rev-parse", "HEAD"):
+        tags["git_commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = exp_name
+    return tags
+
+
+def log_datasets(splits: dict[str, dict[str, Any]], context: str) -> None:
+    """Record each split as an MLflow dataset input (with its digest) of the active run."""
+    import mlflow
+
+    for name, arrays in splits.items():
+        dataset = mlflow.data.from_numpy(arrays["x"], targets=arrays["y"], name=f"mnist-{name}")
+        mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
+
+
+def log_model(model: Any, example: Any) -> Any:
+    """Log the model with a softmax head (it serves class probabilities), a signature and an example,
+    and register it as a new version of `mnist-bn-mlp`."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    from pipeline.model import with_softmax
+
+    keras.utils.disable_interactive_logging()  # no predict() progress bars from MLflow's checks
+    served = with_softmax(model)
+    signature = infer_signature(example, served(example).numpy())
+    # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
+    # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
+    return mlflow.tensorflow.log_model(
+        served,
+        name="model",
+        signature=signature,
+        input_example=example,
+        registered_model_name=REGISTERED_MODEL,
+        # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+    )
