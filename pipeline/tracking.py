@@ -30,14 +30,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-def project_root() -> Path:
+def project_root(package_dir: Path = Path(__file__).resolve().parents[1]) -> Path:
     """The repository root, also when DVC runs this code from a copy under `<root>/.dvc/tmp/exps/`."""
-    here = Path(__file__).resolve().parents[1]
-    parts = here.parts
+    parts = package_dir.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return here
+    return package_dir
 
 
 def tracking_uri() -> str:

@@ -1,0 +1,52 @@
+"""The network: layer order and sizes of the reference, and the normalized-logits variant."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import ModelParams
+from pipeline.model import build_model, with_softmax
+
+REFERENCE = ModelParams(hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+
+
+def test_reference_architecture() -> None:
+    model = build_model(REFERENCE)
+    kinds = [(layer.__class__.__name__, layer.name) for layer in model.layers[1:]]
+    assert kinds == [
+        ("Dense", "hidden1"),
+        ("BatchNormalization", "bn1"),
+        ("Activation", "elu1"),
+        ("Dense", "hidden2"),
+        ("BatchNormalization", "bn2"),
+        ("Activation", "elu2"),
+        ("Dense", "logits"),
+    ]
+    # dense layers carry no activation of their own; batch norm has the reference's momentum and epsilon
+    assert all(model.get_layer(n).activation.__name__ == "linear" for n in ("hidden1", "hidden2", "logits"))
+    assert model.get_layer("bn1").momentum == 0.9
+    assert model.get_layer("bn1").epsilon == 1e-3
+    # 784*300+300 + 4*300 (bn) + 300*100+100 + 4*100 + 100*10+10
+    assert model.count_params() == 235_500 + 1_200 + 30_100 + 400 + 1_010
+
+
+def test_biases_start_at_zero_and_kernels_are_glorot_uniform() -> None:
+    model = build_model(REFERENCE)
+    kernel, bias = model.get_layer("hidden1").get_weights()
+    assert not bias.any()
+    limit = np.sqrt(6 / (784 + 300))
+    assert np.abs(kernel).max() <= limit
+    assert np.abs(kernel).max() > 0.9 * limit  # spread over the whole glorot-uniform range
+
+
+def test_normalized_logits_variant_adds_a_batch_norm_on_the_output() -> None:
+    model = build_model(REFERENCE.model_copy(update={"batch_norm_logits": True, "hidden_units": [8]}))
+    assert model.layers[-1].name == "bn_logits"
+    assert model.output.shape == (None, 10)
+
+
+def test_served_model_outputs_probabilities() -> None:
+    served = with_softmax(build_model(REFERENCE.model_copy(update={"hidden_units": [16]})))
+    probabilities = np.asarray(served(np.random.default_rng(0).random((5, 784), dtype=np.float32)))
+    assert probabilities.shape == (5, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)

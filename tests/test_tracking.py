@@ -1,0 +1,109 @@
+"""MLflow concerns: where the store is, fast failure on a dead server, and runs that never stay RUNNING."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import tracking
+from pipeline.errors import Terminated, TrackingError
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite store of its own for each test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_project_root_is_the_package_parent() -> None:
+    assert tracking.project_root() == Path(tracking.__file__).resolve().parents[1]
+
+
+def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
+    copy = Path("/home/me/repo/.dvc/tmp/exps/tmpab12cd")
+    assert tracking.project_root(copy) == Path("/home/me/repo")
+
+
+def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the current directory must not matter
+    root = tracking.project_root()
+    assert tracking.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
+
+
+def test_server_store_keeps_its_own_artifact_location() -> None:
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_naming_the_uri() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+        tracking.check_reachable(uri)
+    assert time.monotonic() - started < 6
+
+
+def test_missing_database_folder_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(TrackingError, match="does not exist"):
+        tracking.check_reachable(f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}")
+
+
+def run_status(run_id: str) -> str:
+    return mlflow.get_run(run_id).info.status
+
+
+def test_finished_run_lands_in_the_experiment(store: str) -> None:
+    with tracking.run() as active:
+        mlflow.log_param("p", 1)
+    run = mlflow.get_run(active.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert mlflow.get_experiment(run.info.experiment_id).name == tracking.EXPERIMENT
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (Terminated(), "KILLED")]
+)
+def test_failed_or_interrupted_run_does_not_stay_running(store: str, error: BaseException, status: str) -> None:
+    with pytest.raises(type(error)), tracking.run() as active:
+        raise error
+    assert run_status(active.info.run_id) == status
+
+
+def test_resume_unknown_run_is_a_clear_error(store: str) -> None:
+    with pytest.raises(TrackingError, match="not in the store"):
+        tracking.resume("0" * 32)
+
+
+def test_resume_logs_into_the_same_run(store: str) -> None:
+    with tracking.run() as active:
+        mlflow.log_metric("a", 1.0)
+    with tracking.resume(active.info.run_id):
+        mlflow.log_metric("b", 2.0)
+    assert mlflow.get_run(active.info.run_id).data.metrics == {"a": 1.0, "b": 2.0}
+
+
+def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("a: 1\n")
+    data = tmp_path / "train.npz"
+    data.write_bytes(b"abc")
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-fox")
+    tags = tracking.lineage_tags(params, {"train": data})
+    assert tags["data_md5.train"] == "900150983cd24fb0d6963f7d28e17f72"  # md5("abc"), as dvc.lock records it
+    assert tags["params_md5"] == tracking.file_md5(params)
+    assert tags["dvc_experiment"] == "quick-fox"
+    assert len(tags["git_commit"]) == 40
+    assert tags["git_dirty"] in {"true", "false"}
