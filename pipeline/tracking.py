@@ -30,13 +30,16 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-def project_root(package_dir: Path = Path(__file__).resolve().parents[1]) -> Path:
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+
+def project_root(package_parent: Path = PACKAGE_PARENT) -> Path:
     """The repository root, also when DVC runs this code from a copy under `<root>/.dvc/tmp/exps/`."""
-    parts = package_dir.parts
+    parts = package_parent.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return package_dir
+    return package_parent
 
 
 def tracking_uri() -> str:

@@ -12,6 +12,8 @@ from pipeline.config import ModelParams
 from pipeline.errors import DataError
 from pipeline.model import build_model
 
+SMALL = ModelParams(hidden_units=[8], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+
 
 def test_score_matches_hand_computed_figures() -> None:
     labels = np.array([0, 1, 2, 2])
@@ -34,7 +36,7 @@ def test_confusion_csv_has_one_row_per_image() -> None:
 
 
 def test_probabilities_are_softmax_of_logits() -> None:
-    model = build_model(ModelParams(hidden_units=[8], activation="relu", batch_norm_momentum=0.9, batch_norm_logits=False))
+    model = build_model(SMALL)
     x = np.random.default_rng(0).random((6, 784), dtype=np.float32)
     probabilities = evaluate.predict_probabilities(model, x)
     logits = np.asarray(model(x, training=False), dtype=np.float64)
@@ -55,7 +57,7 @@ def test_corrupt_model_is_reported_not_raised(tmp_path: Path) -> None:
 
 
 def test_saved_model_loads_in_safe_mode(tmp_path: Path) -> None:
-    model = build_model(ModelParams(hidden_units=[8], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=True))
+    model = build_model(SMALL.model_copy(update={"batch_norm_logits": True}))
     model.save(tmp_path / "model.keras")
     loaded = evaluate.load_model(tmp_path / "model.keras")
     x = np.ones((2, 784), np.float32)
