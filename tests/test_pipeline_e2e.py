@@ -1,0 +1,149 @@
+"""End to end: the real `dvc repro` in a fresh copy of the repository, on a reduced configuration.
+
+Checks what a user sees: the outputs and metrics, the MLflow run with every parameter, per-epoch
+curves, test metrics, plots and the registered model; a second `dvc repro` that re-runs nothing;
+and a change of `train.epochs` that re-runs only `train` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, failing the test with its output if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def set_params(workspace: Path, **changes: object) -> None:
+    """Edit params.yaml as a user would: `section__key=value`."""
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """The venv's `python` and `dvc` first on PATH (as after `activate`), the default MLflow store."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    return environment
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+    """A git clone of the committed repository plus the working tree's tracked files, reduced to a quick
+    configuration, after one full `dvc repro`."""
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    tracked = sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")
+    for name in filter(None, tracked):
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    set_params(root, train__epochs=EPOCHS, model__hidden_units=[64, 32])
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reduced", cwd=root)
+    first = sh("dvc", "repro", cwd=root, env=env)
+    (root / "first_repro.log").write_text(first.stdout + first.stderr)
+    return root
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_outputs_and_metrics(workspace: Path) -> None:
+    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        assert (workspace / "data/raw" / name).is_file()
+    for name in ("train", "validation", "test"):
+        assert (workspace / f"data/prepared/{name}.npz").is_file()
+    assert (workspace / "models/model.keras").is_file()
+    train = read_json(workspace / "metrics/train.json")
+    test = read_json(workspace / "metrics/test.json")
+    assert train["epochs"] == EPOCHS
+    assert train["val_accuracy"] > 0.85  # 3 epochs of a small net; chance is 0.1
+    assert train["train_seconds"] > 0
+    assert test["accuracy"] > 0.85
+    assert {"macro_f1", "log_loss", "weighted_f1"} <= test.keys()
+    assert train["mlflow_run_id"] == test["mlflow_run_id"]
+    history = (workspace / "plots/history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy"
+    assert len(history) == EPOCHS + 1
+    assert len((workspace / "plots/confusion.csv").read_text().splitlines()) == 10_001
+    for png in ("learning_curves", "confusion", "misclassified"):
+        assert (workspace / f"plots/{png}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_offline_copy_served_the_data(workspace: Path) -> None:
+    log = (workspace / "first_repro.log").read_text()
+    assert "train-images-idx3-ubyte: served by data/offline/ (47040016 bytes, sha256 verified)" in log
+
+
+def test_mlflow_run_holds_everything(workspace: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    store = workspace / "mlflow.db"
+    assert store.is_file(), "the default store must be mlflow.db at the repository root"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
+    run_id = read_json(workspace / "metrics/train.json")["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "mnist-batchnorm"
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    expected = {f"{s}.{k}": v for s, values in params.items() for k, v in values.items()}
+    assert {key: yaml.safe_load(value) for key, value in run.data.params.items()} == expected
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, EPOCHS + 1))
+    test = read_json(workspace / "metrics/test.json")
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(test["macro_f1"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "plots")} | {
+        a.path for a in client.list_artifacts(run_id, "evaluation")
+    }
+    assert {"plots/confusion.png", "plots/learning_curves.png", "plots/misclassified.png"} <= artifacts
+    assert "evaluation/classification_report.json" in artifacts
+    assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=workspace).stdout.strip()
+    versions = client.search_model_versions(f"name = 'mnist-bn-mlp' and run_id = '{run_id}'")
+    assert len(versions) == 1
+    assert float(versions[0].tags["test_accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
+    assert client.get_model_version_by_alias("mnist-bn-mlp", "champion").version == versions[0].version
+    # the registered model serves probabilities with the logged signature
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    served = mlflow.pyfunc.load_model(f"models:/mnist-bn-mlp/{versions[0].version}")
+    assert served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
+
+
+def test_second_repro_runs_nothing(workspace: Path, env: dict[str, str]) -> None:
+    lock = (workspace / "dvc.lock").read_text()
+    again = sh("dvc", "repro", cwd=workspace, env=env)
+    assert "Running stage" not in again.stdout
+    assert (workspace / "dvc.lock").read_text() == lock
+
+
+def test_changing_epochs_reruns_only_train_and_evaluate(workspace: Path, env: dict[str, str]) -> None:
+    set_params(workspace, train__epochs=EPOCHS - 1)
+    rerun = sh("dvc", "repro", cwd=workspace, env=env).stdout
+    ran = [line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")]
+    assert ran == ["train", "evaluate"]
+    assert read_json(workspace / "metrics/train.json")["epochs"] == EPOCHS - 1
