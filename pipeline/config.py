@@ -132,7 +132,8 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
 def _describe(error: dict[str, Any], file: Path) -> str:
     """One sentence for one pydantic error: file, key, bad value, what is allowed."""
     loc = tuple(error["loc"])
-    key = ".".join(str(part) for part in loc) or "(top level)"
+    # repr() escapes newlines and control characters, so a key like "a\nb" cannot split the one-line message
+    key = ".".join(repr(str(part))[1:-1] for part in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -156,7 +157,9 @@ def validate_params(document: Any, file: Path = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(document)
     except ValidationError as error:
-        problems = error.errors(include_url=False)
+        # An unknown key first: a typo also makes the key it was meant to be "missing", and the
+        # "did you mean" hint is the message that tells the user what to fix.
+        problems = sorted(error.errors(include_url=False), key=lambda problem: problem["type"] != "extra_forbidden")
         more = f" ({len(problems) - 1} more problem(s) after fixing this one)" if len(problems) > 1 else ""
         raise ConfigError(_describe(problems[0], file) + more) from None
 

@@ -113,10 +113,15 @@ def read_checksums(path: Path = CHECKSUMS_FILE) -> dict[str, str]:
     except OSError:
         raise DataError(f"{path} is missing; restore it with `git checkout {path}`.") from None
     sums = {}
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         if line.strip() and not line.startswith("#"):
-            digest, name = line.split()
-            sums[name] = digest
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(
+                    f"{path} line {number} is not '<sha256>  <file name>'; restore it with `git checkout {path}`."
+                )
+            digest, name = parts
+            sums[name.removeprefix("*")] = digest  # `sha256sum --binary` marks names with '*'
     if missing := [name for name in MNIST_FILES if name not in sums]:
         raise DataError(f"{path} has no checksum for {', '.join(missing)}; restore it with `git checkout {path}`.")
     return sums

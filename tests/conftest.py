@@ -1,0 +1,44 @@
+"""Shared fixtures: the repository root, and real local HTTPS servers trusted by `requests`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from https_server import Certificate, HTTPSServer, make_certificate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root, wherever pytest was started from."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """One self-signed certificate for 127.0.0.1 per session (key generation is the slow part)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def https_server(tls_certificate: Certificate, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], HTTPSServer]]:
+    """Start any number of local HTTPS servers; `requests` trusts them and never goes through a proxy."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_certificate.cert_file))
+    for variable in _PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers: list[HTTPSServer] = []
+
+    def start() -> HTTPSServer:
+        server = HTTPSServer(tls_certificate).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
