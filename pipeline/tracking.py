@@ -12,11 +12,12 @@ import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import requests
+from filelock import FileLock
 
 from pipeline.errors import Terminated, TrackingError
 
@@ -24,6 +25,8 @@ EXPERIMENT = "mnist-batchnorm"
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
 _HEALTH_TIMEOUT = 5.0
+_SQLITE_TIMEOUT = 60
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 
 # Fail fast against a server that is down instead of MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -43,8 +46,13 @@ def project_root(package_parent: Path = PACKAGE_PARENT) -> Path:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root.
+
+    The busy timeout lets concurrent writers (`dvc queue start -j 2`) wait for each other's short
+    transactions instead of failing with "database is locked" after SQLite's default 5 s.
+    """
+    default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -87,18 +95,18 @@ def connect() -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    try:
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-        if experiment is not None:
-            return experiment.experiment_id
+    database = _sqlite_path(uri)
+    # Two queued experiments may start on a store that does not exist yet: one process creates the
+    # tables and the experiment while the other waits, instead of both racing to create them.
+    with FileLock(f"{database}.lock") if database else nullcontext():
         try:
-            return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
-        except MlflowException:  # created meanwhile by a concurrent run (a queued experiment)
-            return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-    except MlflowException as error:
-        raise TrackingError(
-            f"the MLflow store {uri} cannot be used ({error.message.splitlines()[0]}); check MLFLOW_TRACKING_URI."
-        ) from None
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+            return experiment.experiment_id
+        except MlflowException as error:
+            reason = error.message.splitlines()[0]
+            raise TrackingError(f"the MLflow store {uri} is unusable ({reason}); check MLFLOW_TRACKING_URI.") from None
 
 
 @contextmanager
@@ -184,7 +192,11 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
     tags = {"params_md5": file_md5(params_file), **data_tags(data_files)}
     if commit := _git("rev-parse", "HEAD"):
         tags["git_commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+        # Dirty = a tracked input differs from the commit; the pipeline's own outputs (dvc.lock, the
+        # metrics and plots it rewrites) are not inputs and would otherwise make every run dirty.
+        outputs = (f":!{path}" for path in PIPELINE_OUTPUTS)
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs)
+        tags["git_dirty"] = str(bool(changed)).lower()
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = exp_name
     return tags

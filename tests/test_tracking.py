@@ -34,7 +34,7 @@ def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.Monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the current directory must not matter
     root = tracking.project_root()
-    assert tracking.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    assert tracking.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}?timeout=60"
     assert tracking.artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
 
 
