@@ -8,61 +8,26 @@ and a change of `train.epochs` that re-runs only `train` and `evaluate`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workspace import clone, set_params, sh, venv_env
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 
 pytestmark = pytest.mark.e2e
 
 
-def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command, failing the test with its output if it fails."""
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def set_params(workspace: Path, **changes: object) -> None:
-    """Edit params.yaml as a user would: `section__key=value`."""
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    """The venv's `python` and `dvc` first on PATH (as after `activate`), the default MLflow store."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    return environment
+    return venv_env()
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
-    """A git clone of the committed repository plus the working tree's tracked files, reduced to a quick
-    configuration, after one full `dvc repro`."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    tracked = sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")
-    for name in filter(None, tracked):
-        source = REPO / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    set_params(root, train__epochs=EPOCHS, model__hidden_units=[64, 32])
-    sh("git", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reduced", cwd=root)
+    """A fresh clone reduced to a quick configuration, after one full `dvc repro`."""
+    root = clone(tmp_path_factory.mktemp("clone") / "repo", train__epochs=EPOCHS, model__hidden_units=[64, 32])
     first = sh("dvc", "repro", cwd=root, env=env)
     (root / "first_repro.log").write_text(first.stdout + first.stderr)
     return root

@@ -1,0 +1,131 @@
+"""Reproducibility and lineage on real DVC experiments and a real MLflow store (no mocks).
+
+`dvc repro -f` reproduces the metrics and weights bit for bit; `dvc exp run` (in the workspace,
+`--temp`, and queued two at a time) all log into the ONE store at the repository root, each run tagged
+with its experiment name; metrics name their run and runs name their commit and data; DVC's diffs work;
+and a model restored from DVC's cache is evaluated into the run that trained it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from workspace import QUICK, clone, sh, venv_env
+
+pytestmark = pytest.mark.e2e
+
+ENV = venv_env()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = clone(tmp_path_factory.mktemp("exp") / "repo", **QUICK)
+    sh("dvc", "repro", cwd=root, env=ENV)
+    return root
+
+
+def client(repo: Path) -> MlflowClient:
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / f"metrics/{name}.json").read_text())
+
+
+def weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.saving.load_model(path, compile=False, safe_mode=True).get_weights()
+
+
+def test_forced_rerun_is_bit_identical(repo: Path) -> None:
+    volatile = {"train_seconds", "mlflow_run_id"}
+    before = {name: metrics(repo, name) for name in ("train", "test")}
+    before_weights = weights(repo / "models/model.keras")
+    sh("dvc", "repro", "-f", cwd=repo, env=ENV)
+    after = {name: metrics(repo, name) for name in ("train", "test")}
+    for name in before:
+        assert {k: v for k, v in after[name].items() if k not in volatile} == {
+            k: v for k, v in before[name].items() if k not in volatile
+        }
+    assert after["train"]["mlflow_run_id"] != before["train"]["mlflow_run_id"]  # a new run, same results
+    for a, b in zip(before_weights, weights(repo / "models/model.keras"), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_run_leads_back_to_commit_params_and_data(repo: Path) -> None:
+    run = client(repo).get_run(metrics(repo, "train")["mlflow_run_id"])
+    lock = (repo / "dvc.lock").read_text()
+    assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert run.data.tags["git_dirty"] == "false"  # only pipeline outputs changed since the commit
+    for split in ("train", "validation", "test"):
+        assert run.data.tags[f"data_md5.{split}"] in lock  # the same hashes dvc.lock records
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert {"mnist-train", "mnist-validation", "mnist-test"} <= inputs.keys()
+
+
+def test_workspace_experiment_and_diffs(repo: Path) -> None:
+    sh("dvc", "exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr-005", cwd=repo, env=ENV)
+    params = sh("dvc", "params", "diff", "--json", cwd=repo, env=ENV).stdout
+    changed = json.loads(params)["params.yaml"]["train.learning_rate"]
+    assert (changed["old"], changed["new"]) == (0.01, 0.05)
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo, env=ENV).stdout)
+    assert "accuracy" in diff["metrics/test.json"]
+    out = repo / "plots_html"
+    sh("dvc", "plots", "diff", "HEAD", "-o", str(out), cwd=repo, env=ENV)
+    assert "Confusion matrix (test set)" in (out / "index.html").read_text()
+    run = client(repo).get_run(metrics(repo, "train")["mlflow_run_id"])
+    assert run.data.tags["dvc_experiment"] == "lr-005"
+    assert run.data.params["train.learning_rate"] == "0.05"
+
+
+def wait_for_queue(repo: Path, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sh("dvc", "queue", "status", cwd=repo, env=ENV).stdout
+        if "Running" not in status and "Queued" not in status:
+            return status
+        time.sleep(2)
+    raise AssertionError(f"the DVC queue did not finish in {timeout} s:\n{status}")
+
+
+def test_temp_and_queued_experiments_share_the_one_store(repo: Path) -> None:
+    sh("dvc", "exp", "run", "--temp", "-S", "train.seed=1", "-n", "seed-1", cwd=repo, env=ENV)
+    for rate in ("0.02", "0.03"):
+        sh("dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}", "-n", f"lr-{rate}", cwd=repo, env=ENV)
+    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=ENV)
+    status = wait_for_queue(repo)
+    assert status.count("Success") == 2, status  # two concurrent writers, no "database is locked"
+
+    assert not list((repo / ".dvc").rglob("mlflow.db")), "runs must not land in a store inside DVC's copies"
+    runs = {r.data.tags.get("dvc_experiment"): r for r in client(repo).search_runs(["1"], max_results=100)}
+    # experiments start from the workspace, which still holds lr-005's learning rate
+    for name, rate in (("seed-1", "0.05"), ("lr-0.02", "0.02"), ("lr-0.03", "0.03")):
+        assert runs[name].info.status == "FINISHED"
+        assert runs[name].data.params["train.learning_rate"] == rate
+        assert "test_accuracy" in runs[name].data.metrics
+    assert runs["seed-1"].data.params["train.seed"] == "1"
+
+    # dvc exp show leads from each experiment to its run
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, env=ENV).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = data["metrics"]["metrics/train.json"]["data"]["mlflow_run_id"]
+    for name in ("seed-1", "lr-0.02", "lr-0.03"):
+        assert found[name] == runs[name].info.run_id
+
+
+def test_restored_model_is_evaluated_into_its_own_run(repo: Path) -> None:
+    sh("dvc", "exp", "apply", "lr-0.03", cwd=repo, env=ENV)  # model and metrics come back from DVC's cache
+    run_id = metrics(repo, "train")["mlflow_run_id"]
+    sh("dvc", "repro", "-f", "-s", "evaluate", cwd=repo, env=ENV)
+    assert metrics(repo, "test")["mlflow_run_id"] == run_id
+    assert len(client(repo).get_metric_history(run_id, "test_accuracy")) == 2  # evaluated twice, same run

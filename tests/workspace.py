@@ -1,0 +1,54 @@
+"""Temporary copies of the repository for tests that run the real `dvc` and `mlflow` commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = {"train__epochs": 2, "model__hidden_units": [64, 32]}
+
+
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The venv's `python` and `dvc` first on PATH (as after `activate`); no inherited MLflow/DVC settings."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    return environment | extra
+
+
+def set_params(workspace: Path, **changes: object) -> None:
+    """Edit params.yaml as a user would: `section__key=value`."""
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def clone(destination: Path, **params: object) -> Path:
+    """A new git repository holding the repository's tracked files as they are in the working tree,
+    with `params` applied and committed: what a user has after cloning and editing params.yaml."""
+    tracked = sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")
+    for name in filter(None, tracked):
+        source = REPO / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    set_params(destination, **params)
+    sh("git", "init", "-q", cwd=destination)
+    sh("git", "add", "-A", cwd=destination)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=destination)
+    return destination
