@@ -55,7 +55,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, else None."""
     if not uri.startswith("sqlite:///"):
         return None
@@ -65,7 +65,7 @@ def _sqlite_path(uri: str) -> Path | None:
 def artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts go to `mlartifacts/` beside the database, never into the current
     directory (MLflow's default); a server keeps its own artifact store."""
-    database = _sqlite_path(uri)
+    database = sqlite_path(uri)
     return (database.parent / "mlartifacts").as_uri() if database else None
 
 
@@ -80,7 +80,7 @@ def check_reachable(uri: str) -> None:
                 f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
                 "start it, or unset MLFLOW_TRACKING_URI to use the local store."
             ) from None
-    elif (database := _sqlite_path(uri)) and not database.parent.is_dir():
+    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
@@ -95,7 +95,7 @@ def connect() -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    database = _sqlite_path(uri)
+    database = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
     # tables and the experiment while the other waits, instead of both racing to create them.
     with FileLock(f"{database}.lock") if database else nullcontext():

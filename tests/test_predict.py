@@ -1,0 +1,245 @@
+"""`mnist-predict`: MNIST-style preprocessing of arbitrary images, real classification, clean errors.
+
+The images are real MNIST test digits from the offline copy committed in `data/offline/` (never from
+untracked pipeline outputs), redrawn as a user would have them: large, either polarity, off-centre,
+on grey paper, as JPEG. The model is trained here, on the offline training set, with the stage's own
+`Trainer` (a few seconds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import predict
+from pipeline.config import ModelParams, TrainParams
+from pipeline.errors import DataError
+from pipeline.model import build_model
+from pipeline.train import Trainer, seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = REPO / "data/offline"
+
+
+def read_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, 28, 28) and labels of `train` or `t10k`, from the committed .gz files."""
+    images = np.frombuffer(gzip.decompress((OFFLINE / f"{prefix}-images-idx3-ubyte.gz").read_bytes()), np.uint8, -1, 16)
+    labels = np.frombuffer(gzip.decompress((OFFLINE / f"{prefix}-labels-idx1-ubyte.gz").read_bytes()), np.uint8, -1, 8)
+    return images.reshape(-1, 28, 28), labels
+
+
+@pytest.fixture(scope="module")
+def test_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The first ten MNIST test images and their labels (7 2 1 0 4 1 4 9 5 9)."""
+    images, labels = read_mnist("t10k")
+    return images[:10], labels[:10]
+
+
+def enlarge(digit: np.ndarray, size: int = 100, dark_on_light: bool = False) -> Image.Image:
+    """A 28x28 MNIST digit as a larger image, as if scanned; optionally dark ink on white paper."""
+    image = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
+    return Image.fromarray(255 - np.asarray(image)) if dark_on_light else image
+
+
+def centre_of_mass(vector: np.ndarray) -> np.ndarray:
+    """(row, column) of a 784 vector's centre of mass, in pixel indices of the 28x28 grid."""
+    image = vector.reshape(28, 28)
+    return np.array([(np.indices(image.shape)[axis] * image).sum() / image.sum() for axis in (0, 1)])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """1 for the same image, lower as they differ (robust to a global change of contrast)."""
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def bounding_box(vector: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the pixels holding ink."""
+    rows, cols = np.nonzero(vector.reshape(28, 28) > 0.05)
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+def test_both_polarities_give_the_same_input(test_digits: tuple[np.ndarray, np.ndarray]) -> None:
+    for digit in test_digits[0][:5]:
+        white_on_black = predict.to_mnist(enlarge(digit))
+        black_on_white = predict.to_mnist(enlarge(digit, dark_on_light=True))
+        assert white_on_black.shape == (784,) and white_on_black.dtype == np.float32
+        np.testing.assert_allclose(black_on_white, white_on_black, atol=1e-5)
+
+
+def test_any_size_and_position_gives_a_centred_20_pixel_digit(test_digits: tuple[np.ndarray, np.ndarray]) -> None:
+    digit = test_digits[0][0]
+    reference = predict.to_mnist(enlarge(digit, 28))
+    for size in (28, 57, 100, 420):
+        vector = predict.to_mnist(enlarge(digit, size))
+        assert vector.min() >= 0.0 and vector.max() <= 1.0
+        assert max(bounding_box(vector)) in (20, 21)  # 20 px, plus a faint Lanczos fringe
+        np.testing.assert_allclose(centre_of_mass(vector), [14, 14], atol=0.6)
+        assert cosine(vector, reference) > 0.95
+    # a small digit in the corner of a large, non-square page is found, scaled up and centred
+    page = np.zeros((300, 500), dtype=np.uint8)
+    page[10:60, 400:450] = np.asarray(enlarge(digit, 50))
+    vector = predict.to_mnist(Image.fromarray(page))
+    np.testing.assert_allclose(centre_of_mass(vector), [14, 14], atol=0.6)
+    assert cosine(vector, reference) > 0.8  # the rounding of the centre-of-mass shift may differ by a pixel
+
+
+def test_aspect_ratio_is_kept() -> None:
+    bar = np.zeros((200, 200), dtype=np.uint8)
+    bar[20:180, 90:110] = 255  # a "1": 160 tall, 20 wide
+    height, width = bounding_box(predict.to_mnist(Image.fromarray(bar)))
+    assert height == 20 and width in (2, 3, 4)
+
+
+def test_mnist_digits_come_back_as_they_were(test_digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """MNIST digits already follow the convention, so preprocessing one must (nearly) reproduce it."""
+    originals = [digit.reshape(-1).astype(np.float32) / 255 for digit in test_digits[0]]
+    native = [cosine(predict.to_mnist(Image.fromarray(d)), o) for d, o in zip(test_digits[0], originals, strict=True)]
+    assert min(native) > 0.99
+    scanned = [
+        cosine(predict.to_mnist(enlarge(d, 140, True)), o) for d, o in zip(test_digits[0], originals, strict=True)
+    ]
+    assert min(scanned) > 0.8 and np.mean(scanned) > 0.95
+
+
+def test_photo_of_grey_paper_as_jpeg_and_transparent_png(
+    test_digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    digit = test_digits[0][1]
+    clean = predict.to_mnist(enlarge(digit))
+    ink = np.asarray(enlarge(digit, 120), dtype=np.float32) / 255
+    rng = np.random.default_rng(0)
+    photo = 200 - 160 * ink + rng.normal(0, 6, ink.shape)  # grey paper, dark grey ink, sensor noise
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).convert("RGB").save(tmp_path / "photo.jpg", quality=80)
+    assert cosine(predict.load_image(tmp_path / "photo.jpg"), clean) > 0.95
+    # a drawing app's export: black strokes whose alpha is the ink, on a transparent background
+    rgba = np.zeros((120, 120, 4), dtype=np.uint8)
+    rgba[..., 3] = (ink * 255).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "drawing.png")
+    assert cosine(predict.load_image(tmp_path / "drawing.png"), clean) > 0.98
+
+
+def test_unreadable_inputs_are_data_errors_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("L", (64, 64), 255).save(tmp_path / "blank.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    for name, reason in [
+        ("missing.png", "does not exist"),
+        ("notes.png", "not an image"),
+        ("blank.png", "no digit"),
+        ("black.png", "no digit"),
+        (".", "cannot be read"),
+    ]:
+        with pytest.raises(DataError, match=reason) as raised:
+            predict.load_image(tmp_path / name)
+        assert str(tmp_path / name) in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def cli_env() -> dict[str, str]:
+    """The venv first on PATH, no proxy for 127.0.0.1, no inherited MLflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and "proxy" not in k.lower()}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
+def cli(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline.predict ...`, as a user runs it (the console script is the same `run`)."""
+    command = [sys.executable, "-m", "pipeline.predict", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_one(path: Path) -> Path:
+    """A valid image of a "1": a white bar on black."""
+    page = np.zeros((40, 40), dtype=np.uint8)
+    page[5:35, 18:22] = 255
+    Image.fromarray(page).save(path)
+    return path
+
+
+def test_cli_missing_file_and_bad_command_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    assert_one_error_line(cli(tmp_path / "nope.png", env=cli_env), "nope.png does not exist")
+    assert_one_error_line(cli(env=cli_env), "usage: mnist-predict")
+    assert_one_error_line(cli(REPO / "README.md", env=cli_env), "not an image")
+
+
+def test_cli_model_errors(cli_env: dict[str, str], tmp_path: Path) -> None:
+    image = write_one(tmp_path / "digit.png")
+    assert_one_error_line(cli(image, "--model", tmp_path / "none.keras", env=cli_env), "none.keras does not exist")
+    store = tmp_path / "no-store.db"
+    missing_store = cli(image, env={**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert_one_error_line(missing_store, "there is no MLflow store")
+    assert not store.exists(), "predicting must not create an empty store"
+    dead = cli(image, env={**cli_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert_one_error_line(dead, "is unreachable")
+
+
+def test_cli_no_registered_model(cli_env: dict[str, str], tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(tracking_uri=store, registry_uri=store).search_experiments()  # an empty, valid store
+    image = write_one(tmp_path / "digit.png")
+    done = cli(image, env={**cli_env, "MLFLOW_TRACKING_URI": store})
+    assert_one_error_line(done, "Registered Model with name=mnist-bn-mlp not found")
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small network trained two epochs on the offline MNIST training set, saved as the stage saves it."""
+    images, labels = read_mnist("train")
+    x = images.reshape(len(images), -1).astype(np.float32) / 255
+    y = labels.astype(np.int32)
+    train, validation = {"x": x[5000:], "y": y[5000:]}, {"x": x[:5000], "y": y[:5000]}
+    params = TrainParams(optimizer="sgd", learning_rate=0.05, epochs=2, batch_size=250, seed=42)
+    seed_everything(params.seed)
+    model = build_model(
+        ModelParams(hidden_units=[64, 32], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+    )
+    trainer = Trainer(model, params, train, validation)
+    results = [trainer.run_epoch(epoch) for epoch in range(1, params.epochs + 1)]
+    assert results[-1].val_accuracy > 0.9
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    return path
+
+
+def test_cli_classifies_real_digits_in_both_polarities(
+    trained_model: Path, test_digits: tuple[np.ndarray, np.ndarray], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    images, labels = test_digits
+    files = []
+    for i, digit in enumerate(images):
+        for dark_on_light, suffix in ((False, "png"), (True, "jpg")):
+            files.append(tmp_path / f"{i}-{'dark' if dark_on_light else 'light'}.{suffix}")
+            enlarge(digit, dark_on_light=dark_on_light).save(files[-1])
+    done = cli(*files, "--model", trained_model, env=cli_env)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [row[0] for row in rows] == [str(f) for f in files]
+    assert all(0.1 <= float(probability) <= 1 for _, _, probability in rows)
+    predicted = np.array([int(digit) for _, digit, _ in rows]).reshape(10, 2)
+    for column in (0, 1):  # white on black, black on white
+        assert (predicted[:, column] == labels).sum() >= 8, predicted[:, column]

@@ -1,0 +1,235 @@
+"""A team's setup, with real processes: an `mlflow server` (SQLite backend, its own proxied artifact
+store) on 127.0.0.1, the real `dvc repro` pointed at it by MLFLOW_TRACKING_URI, then the registry's
+champion served by `mlflow models serve` and classified by `mnist-predict`.
+
+Checks that everything lands on the server (run, params, curves, test metrics, model version and its
+`champion` alias, artifacts in the server's store) and nothing in a local `mlflow.db`, and that the
+served model answers MNIST test digits with ten probabilities per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EPOCHS = 2
+MODEL = "mnist-bn-mlp"
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the server binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sh(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, failing the test with its output if it fails."""
+    done = subprocess.run(list(map(str, args)), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST test set from the offline copy committed in the repository: uint8 (n, 28, 28), labels."""
+
+    def read(name: str, header: int) -> np.ndarray:
+        return np.frombuffer(gzip.decompress((REPO / "data/offline" / name).read_bytes()), np.uint8, -1, header)
+
+    return read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), read("t10k-labels-idx1-ubyte.gz", 8)
+
+
+class Process:
+    """A server in its own process group (mlflow starts uvicorn workers as children), logged to a file."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_until_up(self, url: str, timeout: float) -> None:
+        """Poll `url` until it answers 200; fail with the server's log if it dies or takes too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.popen.args[:3]} exited {self.popen.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"{url} did not come up in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, then SIGKILL if it has not exited within 15 s."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """The venv first on PATH, no inherited MLflow/DVC settings, no proxy between us and 127.0.0.1."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and "proxy" not in k.lower()
+    }
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"
+    environment["NO_PROXY"] = "127.0.0.1,localhost"
+    return environment
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """A real tracking server on 127.0.0.1: its URL and its artifact folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{free_port()}"
+    process = Process(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            url.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+        ],
+        root / "server.log",
+        env,
+    )
+    try:
+        process.wait_until_up(f"{url}/health", timeout=120)
+        with pytest.MonkeyPatch.context() as patch:  # this process talks to the server too: no proxy
+            patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+            yield url, root / "artifacts"
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], server: tuple[str, Path]) -> Path:
+    """A copy of the repository's tracked files, reduced to a quick configuration, after `dvc repro`
+    against the server."""
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    for name in filter(None, sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = EPOCHS
+    params["model"]["hidden_units"] = [64, 32]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reduced", cwd=root)
+    sh("dvc", "repro", cwd=root, env={**env, "MLFLOW_TRACKING_URI": server[0]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def served_model(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], server: tuple[str, Path], workspace: Path
+) -> Iterator[str]:
+    """`mlflow models serve` of the registry's champion, fetched from the tracking server."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = Process(
+        [*command, "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]], log, {**env, "MLFLOW_TRACKING_URI": server[0]}
+    )
+    try:
+        process.wait_until_up(f"{url}/ping", timeout=150)
+        yield url
+    finally:
+        process.stop()
+
+
+def test_the_run_is_on_the_server_and_nothing_is_local(server: tuple[str, Path], workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    url, artifacts = server
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    train = json.loads((workspace / "metrics/train.json").read_text())
+    test = json.loads((workspace / "metrics/test.json").read_text())
+    run = client.get_run(train["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "mnist-batchnorm"
+    assert yaml.safe_load(run.data.params["train.epochs"]) == EPOCHS
+    assert yaml.safe_load(run.data.params["model.hidden_units"]) == [64, 32]
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(1, EPOCHS + 1))
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(test["macro_f1"])
+    assert test["accuracy"] > 0.85
+
+    versions = client.search_model_versions(f"name = '{MODEL}' and run_id = '{run.info.run_id}'")
+    assert len(versions) == 1
+    assert float(versions[0].tags["test_accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
+
+    # artifacts went through the server into its own store, nothing into the workspace
+    assert next(artifacts.rglob("MLmodel"), None) is not None
+    assert next(artifacts.rglob("confusion.png"), None) is not None
+    assert not (workspace / "mlflow.db").exists()
+    assert not (workspace / "mlartifacts").exists()
+    assert not (workspace / "mlruns").exists()
+
+
+def test_the_served_champion_classifies_mnist(served_model: str) -> None:
+    images, labels = mnist_test_set()
+    rows = (images[:10].reshape(10, -1).astype(np.float32) / 255).tolist()
+    response = requests.post(f"{served_model}/invocations", json={"inputs": rows}, timeout=60)
+    assert response.status_code == 200, response.text
+    probabilities = np.array(response.json()["predictions"])
+    assert probabilities.shape == (10, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (probabilities.argmax(axis=1) == labels[:10]).sum() >= 8
+
+
+def test_mnist_predict_uses_the_servers_champion(
+    server: tuple[str, Path], workspace: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    images, labels = mnist_test_set()
+    files = []
+    for i in range(3):  # black on white, large: as written on paper and scanned
+        files.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(255 - images[i]).resize((100, 100), Image.Resampling.BICUBIC).save(files[-1])
+    done = sh(BIN / "mnist-predict", *files, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": server[0]})
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [row[0] for row in rows] == [str(f) for f in files]
+    assert [int(row[1]) for row in rows] == labels[:3].tolist()  # 7 2 1: easy ones
+    assert all(0.3 < float(row[2]) <= 1 for row in rows)
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
