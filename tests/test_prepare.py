@@ -83,3 +83,14 @@ def test_split_must_leave_a_training_set() -> None:
     x, y = np.zeros((3, 784), np.float32), np.zeros(3, np.int32)
     with pytest.raises(DataError, match="validation_size"):
         prepare.split(x, y, 3)
+
+
+def test_data_stages_do_not_import_tensorflow_or_mlflow() -> None:
+    """`download` and `prepare` start in a fraction of a second: they must not pull in the heavy frameworks."""
+    import subprocess
+    import sys
+
+    heavy = "{'tensorflow', 'keras', 'mlflow'}"
+    code = f"import sys, pipeline.download, pipeline.prepare; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
