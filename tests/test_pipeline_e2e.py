@@ -112,3 +112,13 @@ def test_changing_epochs_reruns_only_train_and_evaluate(workspace: Path, env: di
     ran = [line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")]
     assert ran == ["train", "evaluate"]
     assert read_json(workspace / "metrics/train.json")["epochs"] == EPOCHS - 1
+
+
+def test_dvc_plots_show_renders_every_plot(workspace: Path, env: dict[str, str]) -> None:
+    out = workspace / "plots_html"
+    sh("dvc", "plots", "show", "-o", str(out), cwd=workspace, env=env)
+    html = (out / "index.html").read_text()
+    for title in ("Loss", "Accuracy", "Confusion matrix (test set)"):
+        assert title in html
+    for png in ("learning_curves", "confusion", "misclassified"):
+        assert f"plots/{png}.png" in html  # the PNGs are embedded as images

@@ -107,3 +107,20 @@ def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: p
     assert tags["dvc_experiment"] == "quick-fox"
     assert len(tags["git_commit"]) == 40
     assert tags["git_dirty"] in {"true", "false"}
+
+
+def test_champion_alias_moves_only_to_a_better_version(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    tracking.connect()
+    client = MlflowClient()
+    client.create_registered_model(tracking.REGISTERED_MODEL)
+    champions = []
+    for accuracy in (0.90, 0.85, 0.95, 0.95):
+        with tracking.run() as active:
+            pass
+        client.create_model_version(tracking.REGISTERED_MODEL, source=tmp_path.as_uri(), run_id=active.info.run_id)
+        tracking.record_model_quality(active.info.run_id, accuracy)
+        champions.append(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION).version)
+    assert champions == ["1", "1", "3", "3"]  # a worse or equal version does not take the alias
+    assert client.get_model_version(tracking.REGISTERED_MODEL, "2").tags["test_accuracy"] == "0.850000"
