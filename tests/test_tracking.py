@@ -121,6 +121,6 @@ def test_champion_alias_moves_only_to_a_better_version(store: str, tmp_path: Pat
             pass
         client.create_model_version(tracking.REGISTERED_MODEL, source=tmp_path.as_uri(), run_id=active.info.run_id)
         tracking.record_model_quality(active.info.run_id, accuracy)
-        champions.append(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION).version)
+        champions.append(str(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION).version))
     assert champions == ["1", "1", "3", "3"]  # a worse or equal version does not take the alias
     assert client.get_model_version(tracking.REGISTERED_MODEL, "2").tags["test_accuracy"] == "0.850000"
