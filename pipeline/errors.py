@@ -40,6 +40,9 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's `main`, turning expected failures into one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # Ctrl-C interrupts a stage even when it was started with SIGINT ignored (as shells and CI
+    # runners do for background jobs), so an interruption always ends the MLflow run as KILLED.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except PipelineError as error:

@@ -13,9 +13,7 @@ import contextlib
 import gzip
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,27 +25,13 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from workspace import QUICK, REPO, clone, free_port, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EPOCHS = 2
+EPOCHS = QUICK["train__epochs"]
 MODEL = "mnist-bn-mlp"
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the server binds it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def sh(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command, failing the test with its output if it fails."""
-    done = subprocess.run(list(map(str, args)), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +80,7 @@ class Process:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    """The venv first on PATH, no inherited MLflow/DVC settings, no proxy between us and 127.0.0.1."""
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and "proxy" not in k.lower()
-    }
-    environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"
-    environment["NO_PROXY"] = "127.0.0.1,localhost"
-    return environment
+    return venv_env()
 
 
 @pytest.fixture(scope="module")
@@ -142,18 +120,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Ite
 def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], server: tuple[str, Path]) -> Path:
     """A copy of the repository's tracked files, reduced to a quick configuration, after `dvc repro`
     against the server."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    for name in filter(None, sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["epochs"] = EPOCHS
-    params["model"]["hidden_units"] = [64, 32]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reduced", cwd=root)
+    root = clone(tmp_path_factory.mktemp("clone") / "repo", **QUICK)
     sh("dvc", "repro", cwd=root, env={**env, "MLFLOW_TRACKING_URI": server[0]})
     return root
 

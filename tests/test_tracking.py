@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from workspace import free_port
 
 from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
@@ -40,12 +40,6 @@ def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.Monk
 
 def test_server_store_keeps_its_own_artifact_location() -> None:
     assert tracking.artifact_location("http://127.0.0.1:5000") is None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:

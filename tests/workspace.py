@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +15,32 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train__epochs": 2, "model__hidden_units": [64, 32]}
 
 
-def sh(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def sh(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output if it fails."""
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    command = [str(arg) for arg in args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done
 
 
 def venv_env(**extra: str) -> dict[str, str]:
-    """The venv's `python` and `dvc` first on PATH (as after `activate`); no inherited MLflow/DVC settings."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    """The venv's `python` and `dvc` first on PATH (as after `activate`); no inherited MLflow/DVC
+    settings, and no proxy between the tests and the servers they start on 127.0.0.1."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and "proxy" not in k.lower()
+    }
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    environment["NO_PROXY"] = "127.0.0.1,localhost"
     return environment | extra
+
+
+def free_port() -> int:
+    """A port nobody listens on now (a server may bind it a moment later; a test may rely on it staying dead)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def set_params(workspace: Path, **changes: object) -> None:
@@ -49,6 +64,9 @@ def clone(destination: Path, **params: object) -> Path:
             shutil.copy2(source, destination / name)
     set_params(destination, **params)
     sh("git", "init", "-q", cwd=destination)
+    # a repository-local identity: `dvc exp run` commits experiments, also where no global one is set
+    sh("git", "config", "user.name", "pipeline tests", cwd=destination)
+    sh("git", "config", "user.email", "tests@localhost", cwd=destination)
     sh("git", "add", "-A", cwd=destination)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=destination)
+    sh("git", "commit", "-qm", "clone", cwd=destination)
     return destination
