@@ -1,7 +1,8 @@
 """A reproducible, tracked DVC + MLflow pipeline for the batch-normalized MNIST network.
 
 One module per DVC stage (`download`, `prepare`, `train`, `evaluate`), configuration in `config`,
-everything MLflow in `tracking`, and small shared helpers in `io`, `errors` and `plots`.
+everything MLflow in `tracking`, the network in `model`, the `mnist-predict` command in `predict`, and
+small shared helpers in `io`, `errors` and `plots`.
 """
 
 import os
