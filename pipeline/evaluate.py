@@ -32,28 +32,6 @@ log = logging.getLogger("pipeline.evaluate")
 REPORT_FILE = Path("metrics/classification_report.json")
 
 
-def load_model(path: Path = MODEL_FILE):
-    """Load the trained model in Keras' safe mode: stored code (lambdas) is never executed."""
-    import keras
-
-    if not path.is_file():
-        raise DataError(f"{path} is missing; run `dvc repro train` to train the model.")
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:  # Keras raises many types for a damaged zip or config
-        raise DataError(
-            f"{path} cannot be loaded ({type(error).__name__}); run `dvc repro -f train` to rebuild it."
-        ) from None
-
-
-def predict_probabilities(model, x: np.ndarray) -> np.ndarray:
-    """Class probabilities: softmax of the logits, computed in float64 for a stable log loss."""
-    from scipy.special import softmax
-
-    logits = np.asarray(model(x, training=False), dtype=np.float64)
-    return softmax(logits, axis=1)
-
-
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     """Every test metric, from scikit-learn."""
     from sklearn import metrics
@@ -87,14 +65,13 @@ def evaluate(data_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     """Score the model, log into its training run, then write the outputs."""
     import mlflow
 
-    from pipeline import plots, tracking
+    from pipeline import model, plots, tracking
 
     run_id = io.read_json(TRAIN_METRICS, "train").get("mlflow_run_id")
     if not run_id:
         raise DataError(f"{TRAIN_METRICS} names no MLflow run; run `dvc repro -f train`.")
     test = io.load_arrays(data_dir / "test.npz", "prepare")
-    model = load_model()
-    probabilities = predict_probabilities(model, test["x"])
+    probabilities = model.probabilities(model.load(MODEL_FILE), test["x"])
     result = score(test["y"], probabilities)
     scalars = {key: value for key, value in result.items() if isinstance(value, float)}
     log.info(

@@ -90,11 +90,6 @@ def load_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: {error}; pass an image of one digit.") from None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def _quiet_keras() -> None:
     """Keras' progress bars would mix into the results on stdout."""
     import keras
@@ -103,17 +98,12 @@ def _quiet_keras() -> None:
 
 
 def load_keras(path: Path) -> Classifier:
-    """A `.keras` file as the pipeline saves it (logits out), in safe mode: stored code never runs."""
-    if not path.is_file():  # checked before importing TensorFlow, which takes seconds and logs to stderr
-        raise DataError(f"{path} does not exist; run `dvc repro train`, or pass another --model.")
-    import keras
+    """A `.keras` file as the pipeline saves it (logits out), loaded as `evaluate` loads it."""
+    from pipeline import model
 
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:  # Keras raises many types for a damaged zip or config
-        raise DataError(f"{path} is not a loadable Keras model ({type(error).__name__}).") from None
+    network = model.load(path)
     _quiet_keras()
-    return lambda x: _softmax(np.asarray(model(x, training=False), dtype=np.float64))
+    return lambda x: model.probabilities(network, x)
 
 
 def load_mlflow(uri: str) -> Classifier:

@@ -1,18 +1,11 @@
-"""Stage `evaluate`: scikit-learn metrics, the confusion CSV for DVC, and safe model loading."""
+"""Stage `evaluate`: scikit-learn metrics and the confusion CSV for DVC."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import evaluate
-from pipeline.config import ModelParams
-from pipeline.errors import DataError
-from pipeline.model import build_model
-
-SMALL = ModelParams(hidden_units=[8], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
 
 
 def test_score_matches_hand_computed_figures() -> None:
@@ -33,32 +26,3 @@ def test_score_matches_hand_computed_figures() -> None:
 def test_confusion_csv_has_one_row_per_image() -> None:
     text = evaluate._confusion_csv(np.array([3, 1]), np.array([3, 7]))
     assert text == "actual,predicted\n3,3\n1,7\n"
-
-
-def test_probabilities_are_softmax_of_logits() -> None:
-    model = build_model(SMALL)
-    x = np.random.default_rng(0).random((6, 784), dtype=np.float32)
-    probabilities = evaluate.predict_probabilities(model, x)
-    logits = np.asarray(model(x, training=False), dtype=np.float64)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
-    np.testing.assert_array_equal(probabilities.argmax(axis=1), logits.argmax(axis=1))
-
-
-def test_missing_model_names_the_stage_to_run(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="dvc repro train"):
-        evaluate.load_model(tmp_path / "model.keras")
-
-
-def test_corrupt_model_is_reported_not_raised(tmp_path: Path) -> None:
-    broken = tmp_path / "model.keras"
-    broken.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(DataError, match="cannot be loaded"):
-        evaluate.load_model(broken)
-
-
-def test_saved_model_loads_in_safe_mode(tmp_path: Path) -> None:
-    model = build_model(SMALL.model_copy(update={"batch_norm_logits": True}))
-    model.save(tmp_path / "model.keras")
-    loaded = evaluate.load_model(tmp_path / "model.keras")
-    x = np.ones((2, 784), np.float32)
-    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))

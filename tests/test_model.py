@@ -1,13 +1,18 @@
-"""The network: layer order and sizes of the reference, and the normalized-logits variant."""
+"""The network: layer order and sizes of the reference, the normalized-logits variant, safe loading."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from pipeline.config import ModelParams
-from pipeline.model import build_model, with_softmax
+from pipeline.errors import DataError
+from pipeline.model import build_model, load, probabilities, with_softmax
 
 REFERENCE = ModelParams(hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+SMALL = REFERENCE.model_copy(update={"hidden_units": [8]})
 
 
 def test_reference_architecture() -> None:
@@ -50,3 +55,32 @@ def test_served_model_outputs_probabilities() -> None:
     probabilities = np.asarray(served(np.random.default_rng(0).random((5, 784), dtype=np.float32)))
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_probabilities_are_softmax_of_logits() -> None:
+    model = build_model(SMALL)
+    x = np.random.default_rng(0).random((6, 784), dtype=np.float32)
+    result = probabilities(model, x)
+    logits = np.asarray(model(x, training=False), dtype=np.float64)
+    np.testing.assert_allclose(result.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(result.argmax(axis=1), logits.argmax(axis=1))
+
+
+def test_missing_model_names_the_stage_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="dvc repro train"):
+        load(tmp_path / "model.keras")
+
+
+def test_corrupt_model_is_reported_not_raised(tmp_path: Path) -> None:
+    broken = tmp_path / "model.keras"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="cannot be loaded"):
+        load(broken)
+
+
+def test_saved_model_loads_in_safe_mode(tmp_path: Path) -> None:
+    model = build_model(SMALL.model_copy(update={"batch_norm_logits": True}))
+    model.save(tmp_path / "model.keras")
+    loaded = load(tmp_path / "model.keras")
+    x = np.ones((2, 784), np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))

@@ -8,9 +8,6 @@ on grey paper, as JPEG. The model is trained here, on the offline training set, 
 
 from __future__ import annotations
 
-import gzip
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from workspace import REPO, free_port, offline_mnist, venv_env
 
 from pipeline import predict
 from pipeline.config import ModelParams, TrainParams
@@ -25,21 +23,11 @@ from pipeline.errors import DataError
 from pipeline.model import build_model
 from pipeline.train import Trainer, seed_everything
 
-REPO = Path(__file__).resolve().parents[1]
-OFFLINE = REPO / "data/offline"
-
-
-def read_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (n, 28, 28) and labels of `train` or `t10k`, from the committed .gz files."""
-    images = np.frombuffer(gzip.decompress((OFFLINE / f"{prefix}-images-idx3-ubyte.gz").read_bytes()), np.uint8, -1, 16)
-    labels = np.frombuffer(gzip.decompress((OFFLINE / f"{prefix}-labels-idx1-ubyte.gz").read_bytes()), np.uint8, -1, 8)
-    return images.reshape(-1, 28, 28), labels
-
 
 @pytest.fixture(scope="module")
 def test_digits() -> tuple[np.ndarray, np.ndarray]:
     """The first ten MNIST test images and their labels (7 2 1 0 4 1 4 9 5 9)."""
-    images, labels = read_mnist("t10k")
+    images, labels = offline_mnist("t10k")
     return images[:10], labels[:10]
 
 
@@ -144,11 +132,7 @@ def test_unreadable_inputs_are_data_errors_naming_the_file(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def cli_env() -> dict[str, str]:
-    """The venv first on PATH, no proxy for 127.0.0.1, no inherited MLflow settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and "proxy" not in k.lower()}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    return env
+    return venv_env()
 
 
 def cli(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -163,12 +147,6 @@ def assert_one_error_line(done: subprocess.CompletedProcess[str], expected: str)
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_one(path: Path) -> Path:
@@ -209,7 +187,7 @@ def test_cli_no_registered_model(cli_env: dict[str, str], tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small network trained two epochs on the offline MNIST training set, saved as the stage saves it."""
-    images, labels = read_mnist("train")
+    images, labels = offline_mnist("train")
     x = images.reshape(len(images), -1).astype(np.float32) / 255
     y = labels.astype(np.int32)
     train, validation = {"x": x[5000:], "y": y[5000:]}, {"x": x[:5000], "y": y[:5000]}

@@ -10,7 +10,6 @@ served model answers MNIST test digits with ten probabilities per row.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import signal
@@ -25,22 +24,13 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from workspace import QUICK, REPO, clone, free_port, sh, venv_env
+from workspace import QUICK, clone, free_port, offline_mnist, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 EPOCHS = QUICK["train__epochs"]
 MODEL = "mnist-bn-mlp"
-
-
-def mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
-    """The MNIST test set from the offline copy committed in the repository: uint8 (n, 28, 28), labels."""
-
-    def read(name: str, header: int) -> np.ndarray:
-        return np.frombuffer(gzip.decompress((REPO / "data/offline" / name).read_bytes()), np.uint8, -1, header)
-
-    return read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), read("t10k-labels-idx1-ubyte.gz", 8)
 
 
 class Process:
@@ -175,7 +165,7 @@ def test_the_run_is_on_the_server_and_nothing_is_local(server: tuple[str, Path],
 
 
 def test_the_served_champion_classifies_mnist(served_model: str) -> None:
-    images, labels = mnist_test_set()
+    images, labels = offline_mnist("t10k")
     rows = (images[:10].reshape(10, -1).astype(np.float32) / 255).tolist()
     response = requests.post(f"{served_model}/invocations", json={"inputs": rows}, timeout=60)
     assert response.status_code == 200, response.text
@@ -188,7 +178,7 @@ def test_the_served_champion_classifies_mnist(served_model: str) -> None:
 def test_mnist_predict_uses_the_servers_champion(
     server: tuple[str, Path], workspace: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
-    images, labels = mnist_test_set()
+    images, labels = offline_mnist("t10k")
     files = []
     for i in range(3):  # black on white, large: as written on paper and scanned
         files.append(tmp_path / f"digit{i}.png")

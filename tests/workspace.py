@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +72,14 @@ def clone(destination: Path, **params: object) -> Path:
     sh("git", "add", "-A", cwd=destination)
     sh("git", "commit", "-qm", "clone", cwd=destination)
     return destination
+
+
+def offline_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, 28, 28) and labels of `train` or `t10k`, from the .gz files committed in
+    data/offline/, so tests never depend on untracked pipeline outputs."""
+
+    def read(kind: str, header: int) -> np.ndarray:
+        data = gzip.decompress((REPO / f"data/offline/{prefix}-{kind}-ubyte.gz").read_bytes())
+        return np.frombuffer(data, np.uint8, offset=header)
+
+    return read("images-idx3", 16).reshape(-1, 28, 28), read("labels-idx1", 8)
