@@ -18,19 +18,22 @@ from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
 
-# Stage inputs and outputs, relative to the stage's working directory (the repository root);
-# dvc.yaml declares the same paths.
+# Every file a stage reads or writes, relative to the repository root (where DVC runs the stages).
+# dvc.yaml declares the same paths; tests/test_config.py checks that the two agree.
 OFFLINE_DIR = Path("data/offline")
+CHECKSUMS_FILE = OFFLINE_DIR / "SHA256SUMS"
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "validation", "test")
 MODEL_FILE = Path("models/model.keras")
-METRICS_DIR = Path("metrics")
-TRAIN_METRICS = METRICS_DIR / "train.json"
-TEST_METRICS = METRICS_DIR / "test.json"
-PLOTS_DIR = Path("plots")
-HISTORY_FILE = PLOTS_DIR / "history.csv"
-CURVES_FILE = PLOTS_DIR / "learning_curves.png"
-CONFUSION_FILE = PLOTS_DIR / "confusion.csv"
+TRAIN_METRICS = Path("metrics/train.json")
+TEST_METRICS = Path("metrics/test.json")
+REPORT_FILE = Path("metrics/classification_report.json")
+HISTORY_FILE = Path("plots/history.csv")
+CURVES_FILE = Path("plots/learning_curves.png")
+CONFUSION_FILE = Path("plots/confusion.csv")
+CONFUSION_PNG = Path("plots/confusion.png")
+MISTAKES_PNG = Path("plots/misclassified.png")
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -41,8 +44,23 @@ MNIST_FILES = (
 MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
 
+
+def prepared_file(split: str) -> Path:
+    """The .npz file of one split (`train`, `validation` or `test`)."""
+    return PREPARED_DIR / f"{split}.npz"
+
+
+# What each stage writes (outs and metrics in dvc.yaml): a stage replaces all of them or none.
+STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
+    "download": tuple(RAW_DIR / name for name in MNIST_FILES),
+    "prepare": tuple(prepared_file(split) for split in SPLITS),
+    "train": (MODEL_FILE, CURVES_FILE, HISTORY_FILE, TRAIN_METRICS),
+    "evaluate": (REPORT_FILE, CONFUSION_FILE, CONFUSION_PNG, MISTAKES_PNG, TEST_METRICS),
+}
+
 ACTIVATIONS = ("elu", "relu", "selu", "gelu", "tanh", "sigmoid", "swish")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "cosine")
 
 
 class _Section(BaseModel):
@@ -80,6 +98,7 @@ class ModelParams(_Section):
     activation: Literal[ACTIVATIONS]  # type: ignore[valid-type]
     batch_norm_momentum: Annotated[float, Field(ge=0, lt=1)]
     batch_norm_logits: bool
+    dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainParams(_Section):
@@ -87,9 +106,38 @@ class TrainParams(_Section):
 
     optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
     learning_rate: Annotated[float, Field(gt=0, le=100)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    nesterov: bool
+    weight_decay: Annotated[float, Field(ge=0, le=1)]
+    schedule: Literal[SCHEDULES]  # type: ignore[valid-type]
+    warmup_epochs: Annotated[int, Field(ge=0)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    shift_pixels: Annotated[int, Field(ge=0, le=8)]
     epochs: Annotated[int, Field(ge=1, le=100_000)]
-    batch_size: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=2)]
     seed: Annotated[int, Field(ge=0, lt=2**32)]
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _two_rows_for_batch_norm(cls, value: Any) -> Any:
+        if value == 1 and not isinstance(value, bool):
+            raise ValueError("batch normalization needs at least 2 rows per batch to compute a variance; use 2 or more")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
+            raise ValueError(f"train.momentum applies to sgd and rmsprop, not {self.optimizer}; set it to 0")
+        if self.nesterov and not (self.optimizer == "sgd" and self.momentum > 0):
+            raise ValueError("train.nesterov needs train.optimizer: sgd and train.momentum > 0")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError("train.warmup_epochs applies to train.schedule: cosine; set it to 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs = {self.warmup_epochs} leaves no epoch to decay in; "
+                f"use fewer than train.epochs = {self.epochs}"
+            )
+        return self
 
 
 class Params(_Section):
@@ -142,7 +190,7 @@ def _describe(error: dict[str, Any], file: Path) -> str:
     if error["type"] == "missing":
         return f"{file}: '{key}' is missing; add it (the README lists every key with its default)."
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error" and not loc:
+    if error["type"] == "value_error" and len(loc) <= 1:  # a rule across keys of a section or sections
         return f"{file}: {message}."
     value = error.get("input")
     return f"{file}: {key} = {value!r} is not allowed: {message[0].lower()}{message[1:]}."

@@ -21,12 +21,11 @@ import requests
 from tqdm import tqdm
 
 from pipeline import io
-from pipeline.config import MNIST_FILES, OFFLINE_DIR, RAW_DIR, DownloadParams, load_params
+from pipeline.config import CHECKSUMS_FILE, MNIST_FILES, RAW_DIR, DownloadParams, load_params
 from pipeline.errors import DataError, run_stage
 
 log = logging.getLogger("pipeline.download")
 
-CHECKSUMS_FILE = OFFLINE_DIR / "SHA256SUMS"
 _CHUNK = 1 << 16
 
 
@@ -149,34 +148,38 @@ def download_all(
     sums = checksums or read_checksums()
     fetcher = Fetcher(params)
     served: dict[str, str] = {}
-    for name in MNIST_FILES:
-        failures: list[str] = []
-        for source in params.sources:
-            if source in fetcher.down:
-                failures.append(f"{source}: skipped, {fetcher.down[source]} earlier")
-                continue
-            try:
-                content = decompress_and_verify(fetcher.fetch(source, name), sums[name], fetcher.max_bytes)
-            except SourceDownError as error:
-                fetcher.down[source] = str(error)
-                failures.append(f"{source}: {error}")
-                log.info("%s: %s is unreachable (%s); trying the next source", name, source, error)
-                continue
-            except BadFileError as error:
-                failures.append(f"{source}: {error}")
-                log.info("%s: %s failed (%s); trying the next source", name, source, error)
-                continue
-            io.write_bytes(out_dir / name, content)
-            served[name] = source
-            log.info("%s: served by %s (%d bytes, sha256 verified)", name, source, len(content))
-            break
-        else:
-            raise DataError(
-                f"no source could provide {name}: "
-                + "; ".join(failures)
-                + ". Check your network or restore data/offline/ with `git checkout data/offline`."
-            )
+    with io.staged_outputs() as out:
+        for name in MNIST_FILES:
+            served[name] = _download_one(fetcher, name, sums[name], out_dir, out)
     return served
+
+
+def _download_one(fetcher: Fetcher, name: str, sha256: str, out_dir: Path, out: io.StagedOutputs) -> str:
+    """Stage one verified file from the first source that has it; return that source."""
+    failures: list[str] = []
+    for source in fetcher.params.sources:
+        if source in fetcher.down:
+            failures.append(f"{source}: skipped, {fetcher.down[source]} earlier")
+            continue
+        try:
+            content = decompress_and_verify(fetcher.fetch(source, name), sha256, fetcher.max_bytes)
+        except SourceDownError as error:
+            fetcher.down[source] = str(error)
+            failures.append(f"{source}: {error}")
+            log.info("%s: %s is unreachable (%s); trying the next source", name, source, error)
+            continue
+        except BadFileError as error:
+            failures.append(f"{source}: {error}")
+            log.info("%s: %s failed (%s); trying the next source", name, source, error)
+            continue
+        out.write_bytes(out_dir / name, content)
+        log.info("%s: served by %s (%d bytes, sha256 verified)", name, source, len(content))
+        return source
+    raise DataError(
+        f"no source could provide {name}: "
+        + "; ".join(failures)
+        + ". Check your network or restore data/offline/ with `git checkout data/offline`."
+    )
 
 
 def main() -> None:

@@ -29,6 +29,14 @@ class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class ResourceError(PipelineError):
+    """The machine lacks what the work needs: memory, disk space."""
+
+
+class DivergedError(PipelineError):
+    """The loss or the weights became NaN or infinite."""
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so cleanup runs as it does for Ctrl-C."""
 

@@ -18,18 +18,18 @@ import numpy as np
 from pipeline import io
 from pipeline.config import (
     CONFUSION_FILE,
+    CONFUSION_PNG,
+    MISTAKES_PNG,
     MODEL_FILE,
-    PLOTS_DIR,
-    PREPARED_DIR,
+    REPORT_FILE,
     TEST_METRICS,
     TRAIN_METRICS,
     load_params,
+    prepared_file,
 )
 from pipeline.errors import DataError, run_stage
 
 log = logging.getLogger("pipeline.evaluate")
-
-REPORT_FILE = Path("metrics/classification_report.json")
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
@@ -56,23 +56,41 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     return result
 
 
-def _confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
+def confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
     """One `actual,predicted` row per test image: the input of `dvc plots`' confusion template."""
     return "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(labels, predicted, strict=True))
 
 
-def evaluate(data_dir: Path = PREPARED_DIR) -> dict[str, Any]:
-    """Score the model, log into its training run, then write the outputs."""
+def assess(test: io.Split, probabilities: np.ndarray) -> tuple[dict[str, Any], dict[Path, bytes | str]]:
+    """The scores, and every file the stage writes except metrics/test.json, as contents by path."""
+    from pipeline import plots
+
+    result = score(test.y, probabilities)
+    title = f"Test set: accuracy {result['accuracy']:.4f}"
+    files: dict[Path, bytes | str] = {
+        CONFUSION_PNG: plots.png(plots.confusion_matrix(result["confusion_matrix"], title)),
+        MISTAKES_PNG: plots.png(plots.worst_mistakes(test.x, test.y, probabilities)),
+        CONFUSION_FILE: confusion_csv(test.y, probabilities.argmax(axis=1)),
+        REPORT_FILE: json.dumps(result["report"], indent=2) + "\n",
+    }
+    return result, files
+
+
+def evaluate() -> dict[str, float]:
+    """Score the model, log into its training run, then replace the stage's outputs together."""
     import mlflow
 
-    from pipeline import model, plots, tracking
+    from pipeline import model, tracking
 
     run_id = io.read_json(TRAIN_METRICS, "train").get("mlflow_run_id")
     if not run_id:
         raise DataError(f"{TRAIN_METRICS} names no MLflow run; run `dvc repro -f train`.")
-    test = io.load_arrays(data_dir / "test.npz", "prepare")
-    probabilities = model.probabilities(model.load(MODEL_FILE), test["x"])
-    result = score(test["y"], probabilities)
+    test_file = prepared_file("test")
+    test = io.load_split(test_file)
+    probabilities = model.probabilities(model.load(MODEL_FILE), test.x)
+    if not np.isfinite(probabilities).all():
+        raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
+    result, files = assess(test, probabilities)
     scalars = {key: value for key, value in result.items() if isinstance(value, float)}
     log.info(
         "test accuracy %.4f, macro F1 %.4f, log loss %.4f",
@@ -81,28 +99,17 @@ def evaluate(data_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         scalars["log_loss"],
     )
 
-    figures = {
-        "confusion.png": plots.confusion_matrix(
-            result["confusion_matrix"], f"Test set: accuracy {scalars['accuracy']:.4f}"
-        ),
-        "misclassified.png": plots.worst_mistakes(test["x"], test["y"], probabilities),
-    }
-    for name, figure in figures.items():
-        plots.save_png(figure, PLOTS_DIR / name)
-
-    with tracking.resume(run_id):
-        mlflow.set_tags(tracking.data_tags({"test": data_dir / "test.npz"}))
+    with tracking.resume(run_id), io.staged_outputs() as out:
+        for path, content in files.items():
+            out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
+        out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
+        mlflow.set_tags(tracking.data_tags({"test": test_file}))
         tracking.log_datasets({"test": test}, context="evaluation")
         mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
-        mlflow.log_dict(result["report"], "evaluation/classification_report.json")
         mlflow.log_text(result["report_text"], "evaluation/classification_report.txt")
-        for name in figures:
-            mlflow.log_artifact(str(PLOTS_DIR / name), artifact_path="plots")
-        tracking.record_model_quality(run_id, scalars["accuracy"])
-
-    io.write_text(CONFUSION_FILE, _confusion_csv(test["y"], probabilities.argmax(axis=1)))
-    io.write_text(REPORT_FILE, json.dumps(result["report"], indent=2) + "\n")
-    io.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
+        tracking.log_files({CONFUSION_PNG: files[CONFUSION_PNG], MISTAKES_PNG: files[MISTAKES_PNG]})
+        mlflow.log_dict(result["report"], "evaluation/classification_report.json")
+        tracking.record_test_accuracy(run_id, scalars["accuracy"])
     return scalars
 
 

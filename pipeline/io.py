@@ -1,55 +1,104 @@
-"""Small file helpers shared by the stages: atomic writes and pickle-free array files.
+"""Small file helpers shared by the stages: outputs replaced as a set, and pickle-free array files.
 
-A stage killed at any moment (Ctrl-C, SIGTERM, power loss) must leave either the old output or the
-new one, never a half-written file: everything is written to a temporary file in the same folder and
-then renamed over the target, which POSIX guarantees to be atomic.
+A stage that fails or is killed at any moment (Ctrl-C, SIGTERM, a full disk) must leave either all of
+its old outputs or all of its new ones, never a mix and never a half-written file: `staged_outputs`
+writes every output to a temporary file beside its target first, and renames them into place only
+once all of them are written (a rename needs no space and POSIX makes each one atomic).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ResourceError
 
 
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds."""
+def _temporary_beside(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix)
     os.close(fd)
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+def _no_space(target: Path, size: int | None) -> ResourceError:
+    free = shutil.disk_usage(target.parent).free
+    needs = f"it needs about {size / 1e6:.1f} MB, " if size else ""
+    return ResourceError(
+        f"no space left on the device to write {target} ({needs}{free / 1e6:.1f} MB free there); "
+        "free some space and run the stage again. The previous outputs were left as they were."
+    )
+
+
+class StagedOutputs:
+    """A stage's outputs, written to temporary files and renamed onto their targets together."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, Path] = {}
+
+    def write(self, target: Path, writer: Callable[[Path], None], size: int | None = None) -> None:
+        """Let `writer` fill a temporary file that will replace `target` on commit."""
+        try:
+            tmp = _temporary_beside(target)
+            self._pending[target] = tmp
+            writer(tmp)
+        except OSError as error:
+            # h5py (inside Keras' model.save) reports a full disk without an errno, in the text only
+            if error.errno == errno.ENOSPC or "No space left" in str(error):
+                self.discard()  # give back what the partial files took before measuring what is free
+                raise _no_space(target, size) from None
+            raise
+
+    def write_bytes(self, target: Path, data: bytes) -> None:
+        self.write(target, lambda tmp: tmp.write_bytes(data), len(data))
+
+    def write_text(self, target: Path, text: str) -> None:
+        self.write_bytes(target, text.encode("utf-8"))
+
+    def write_json(self, target: Path, payload: dict[str, Any]) -> None:
+        """Indented JSON with sorted keys; NaN or infinity is refused, it is not JSON."""
+        self.write_text(target, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+    def save_arrays(self, target: Path, **arrays: np.ndarray) -> None:
+        """An uncompressed .npz (no pickle)."""
+
+        def writer(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.savez(handle, **arrays)
+
+        self.write(target, writer, sum(array.nbytes for array in arrays.values()))
+
+    def commit(self) -> None:
+        for target, tmp in self._pending.items():
+            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+            tmp.replace(target)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp in self._pending.values():
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """Collect outputs in the block; replace the targets only if the whole block succeeds."""
+    staged = StagedOutputs()
     try:
-        yield tmp_path
-        tmp_path.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        tmp_path.replace(target)
+        yield staged
+        staged.commit()
     finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_bytes(target: Path, data: bytes) -> None:
-    """Write `data` to `target` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_text(target: Path, text: str) -> None:
-    """Write `text` to `target` atomically."""
-    write_bytes(target, text.encode("utf-8"))
-
-
-def write_json(target: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON, atomically."""
-    write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        staged.discard()
 
 
 def read_json(source: Path, produced_by: str) -> dict[str, Any]:
@@ -62,14 +111,21 @@ def read_json(source: Path, produced_by: str) -> dict[str, Any]:
         raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
 
 
-def save_arrays(target: Path, **arrays: np.ndarray) -> None:
-    """Save named arrays as an uncompressed .npz (no pickle), atomically."""
-    with atomic_path(target) as tmp, tmp.open("wb") as handle:
-        np.savez(handle, **arrays)
+class Split(NamedTuple):
+    """One split of the data: float32 pixels (n, 784) in [0, 1] and int32 labels (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+def load_split(source: Path) -> Split:
+    """A split written by the `prepare` stage."""
+    arrays = load_arrays(source, "prepare")
+    return Split(arrays["x"], arrays["y"])
 
 
 def load_arrays(source: Path, produced_by: str) -> dict[str, np.ndarray]:
-    """Load an .npz written by `save_arrays`; refuses pickled objects, explains missing or corrupt files."""
+    """Load an .npz written by `StagedOutputs.save_arrays`: no pickle; a missing or corrupt file is explained."""
     try:
         with np.load(source, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}

@@ -7,7 +7,7 @@ produces byte-identical files and DVC sees nothing to update.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from io import BytesIO
 
 import matplotlib
 
@@ -17,14 +17,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import io
 
-
-def save_png(figure: Figure, target: Path) -> None:
-    """Write `figure` as a PNG atomically, without the timestamp metadata that would change each run."""
-    with io.atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+def png(figure: Figure) -> bytes:
+    """`figure` as PNG bytes, without the metadata that would change with each run or version; closes it."""
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     plt.close(figure)
+    return buffer.getvalue()
 
 
 def learning_curves(history: Sequence[dict[str, float]]) -> Figure:

@@ -72,9 +72,10 @@ def prepare(raw_dir: Path, out_dir: Path, validation_size: int) -> dict[str, int
     x, y = load_split(raw_dir, "train")
     splits = split(x, y, validation_size)
     splits["test"] = load_split(raw_dir, "t10k")
-    for name, (xs, ys) in splits.items():
-        io.save_arrays(out_dir / f"{name}.npz", x=xs, y=ys)
-        log.info("%s: %d images", name, len(xs))
+    with io.staged_outputs() as out:  # all three splits change together, or none
+        for name, (xs, ys) in splits.items():
+            out.save_arrays(out_dir / f"{name}.npz", x=xs, y=ys)
+            log.info("%s: %d images", name, len(xs))
     return {name: len(xs) for name, (xs, _) in splits.items()}
 
 

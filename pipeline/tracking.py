@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +36,17 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[1]
-
-
-def project_root(package_parent: Path = PACKAGE_PARENT) -> Path:
-    """The repository root, also when DVC runs this code from a copy under `<root>/.dvc/tmp/exps/`."""
-    parts = package_parent.parts
+def project_root(start: Path | None = None) -> Path:
+    """The repository the command runs in: the nearest folder up from `start` (the current directory)
+    holding dvc.yaml, mapped from DVC's experiment copies under `<root>/.dvc/tmp/exps/` to `<root>`, so
+    queued and `--temp` experiments log into the main repository's store. Independent of where the
+    package is installed."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return package_parent
+    return next((folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here)
 
 
 def tracking_uri() -> str:
@@ -110,14 +114,15 @@ def connect() -> str:
 
 
 @contextmanager
-def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """Start (or resume, with `run_id`) a run that never stays RUNNING: KILLED on Ctrl-C/SIGTERM, FAILED on error."""
+def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
+    """Start (or resume, with `run_id`) a run and yield its id; it never stays RUNNING: KILLED on
+    Ctrl-C/SIGTERM, FAILED on error."""
     import mlflow
 
     experiment_id = connect()
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, **start_kwargs)
     try:
-        yield active
+        yield active.info.run_id
     except (KeyboardInterrupt, Terminated):
         mlflow.end_run("KILLED")
         raise
@@ -128,7 +133,7 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
         mlflow.end_run("FINISHED")
 
 
-def resume(run_id: str) -> Any:
+def resume(run_id: str) -> AbstractContextManager[str]:
     """Re-open the run that trained the model, with a clear error if this store does not have it."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -144,25 +149,93 @@ def resume(run_id: str) -> Any:
     return run(run_id=run_id)
 
 
-def record_model_quality(run_id: str, test_accuracy: float) -> None:
-    """Tag the run's registered model version with its test accuracy, and move the `champion` alias
-    to it only if it beats the current champion."""
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment being run (`dvc exp run` sets it), else None."""
+    return os.environ.get("DVC_EXP_NAME")
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    """Every params.yaml value of the active run, as `section.key`."""
+    import mlflow
+
+    mlflow.log_params(flat)
+
+
+def log_files(files: dict[Path, bytes | str]) -> None:
+    """Artifacts of the active run, each under its path in the repository (`plots/confusion.png`)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as folder:
+        for path, content in files.items():
+            local = Path(folder) / path.name
+            if isinstance(content, str):
+                local.write_text(content, encoding="utf-8")
+            else:
+                local.write_bytes(content)
+            mlflow.log_artifact(str(local), artifact_path=path.parent.as_posix())
+
+
+def log_history(run_id: str, history: Sequence[Any], finished_ms: Sequence[int] | None = None) -> None:
+    """Per-epoch metrics of `EpochResult`s (step = epoch), sent in a few batched requests."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+    now = int(time.time() * 1000)
+    stamps = finished_ms or [now] * len(history)
+    metrics = [
+        Metric(key, value, stamp, result.epoch)
+        for result, stamp in zip(history, stamps, strict=True)
+        for key, value in asdict(result).items()
+        if key != "epoch"
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+
+
+def log_training(run_id: str, history: Sequence[Any], train_seconds: float, files: dict[Path, bytes | str]) -> None:
+    """The curves, the training time and the stage's plots; logged after the loop, outside its timing."""
+    import mlflow
+
+    log_history(run_id, history)
+    mlflow.log_metric("train_seconds", train_seconds)
+    log_files(files)
+
+
+def _version_of(run_id: str) -> Any | None:
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def promote_if_better(run_id: str, val_accuracy: float) -> None:
+    """Tag the run's model version with its validation accuracy, and move the `champion` alias to it
+    only if it is strictly better than the champion's. The test set never chooses."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
-    if not versions:
+    version = _version_of(run_id)
+    if version is None:
         return
-    version = max(versions, key=lambda v: int(v.version))
-    client.set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
+    client = MlflowClient()
+    client.set_model_version_tag(REGISTERED_MODEL, version.version, "val_accuracy", f"{val_accuracy:.6f}")
     try:
         champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-        best = float(champion.tags.get("test_accuracy", "-1"))
+        best = float(champion.tags.get("val_accuracy", "-1"))
     except MlflowException:  # no champion yet
         best = -1.0
-    if test_accuracy > best:
+    if val_accuracy > best:
         client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+
+
+def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
+    """Tag the run's model version with its test accuracy: reported beside it, never used to choose."""
+    from mlflow import MlflowClient
+
+    if version := _version_of(run_id):
+        MlflowClient().set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
 
 
 def file_md5(path: Path) -> str:
@@ -211,9 +284,9 @@ def log_datasets(splits: dict[str, dict[str, Any]], context: str) -> None:
         mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
 
 
-def log_model(model: Any, example: Any) -> Any:
+def log_model(run_id: str, model: Any, example: Any, val_accuracy: float) -> None:
     """Log the model with a softmax head (it serves class probabilities), a signature and an example,
-    and register it as a new version of `mnist-bn-mlp`."""
+    register it as a new version of `mnist-bn-mlp`, and make it the champion if it is the best."""
     import keras
     import mlflow
     import tensorflow as tf
@@ -226,7 +299,7 @@ def log_model(model: Any, example: Any) -> Any:
     signature = infer_signature(example, served(example).numpy())
     # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
     # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
-    return mlflow.tensorflow.log_model(
+    mlflow.tensorflow.log_model(
         served,
         name="model",
         signature=signature,
@@ -235,3 +308,4 @@ def log_model(model: Any, example: Any) -> Any:
         # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
         pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
     )
+    promote_if_better(run_id, val_accuracy)

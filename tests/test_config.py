@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import DownloadParams, Params, load_params, validate_params
+from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, validate_params
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,11 @@ def test_repository_params_validate_to_the_reference_defaults() -> None:
     assert params.train.epochs == 25
     assert params.train.batch_size == 250
     assert params.train.seed == 42
+    # the knobs beyond the tutorial are all off
+    assert params.model.dropout == 0
+    assert (params.train.momentum, params.train.nesterov, params.train.weight_decay) == (0, False, 0)
+    assert (params.train.schedule, params.train.warmup_epochs) == ("constant", 0)
+    assert (params.train.label_smoothing, params.train.shift_pixels) == (0, 0)
     assert params.download.sources[-1].rstrip("/") == "data/offline"
     assert all(source.startswith("https://") for source in params.download.sources[:-1])
 
@@ -80,7 +85,14 @@ BAD_VALUES = [
     ("train", "learning_rate", 0, "greater than 0"),
     ("train", "learning_rate", 0.0, "greater than 0"),
     ("train", "epochs", 0, "greater than or equal to 1"),
-    ("train", "batch_size", 0, "greater than or equal to 1"),
+    ("train", "batch_size", 0, "greater than or equal to 2"),
+    ("train", "batch_size", 1, "batch normalization needs at least 2 rows per batch"),
+    ("train", "optimizer", "adagrad", "'adamw'"),
+    ("train", "schedule", "linear", "'cosine'"),
+    ("train", "momentum", 1.0, "less than 1"),
+    ("train", "label_smoothing", -0.1, "greater than or equal to 0"),
+    ("train", "shift_pixels", 9, "less than or equal to 8"),
+    ("model", "dropout", 1.0, "less than 1"),
     ("model", "batch_norm_momentum", 1.0, "less than 1"),
     ("model", "batch_norm_momentum", -0.1, "greater than or equal to 0"),
     ("model", "hidden_units", [], "at least 1 item"),
@@ -361,3 +373,33 @@ def test_any_file_text_gives_params_or_config_error(text: str) -> None:
             assert str(error).startswith(str(path))
         else:
             assert isinstance(params, Params)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer": "adam", "momentum": 0.9}, "train.momentum applies to sgd and rmsprop, not adam"),
+        ({"nesterov": True}, "train.nesterov needs train.optimizer: sgd and train.momentum > 0"),
+        ({"warmup_epochs": 2}, "train.warmup_epochs applies to train.schedule: cosine"),
+        ({"schedule": "cosine", "warmup_epochs": 25}, "train.warmup_epochs = 25 leaves no epoch to decay in"),
+    ],
+)
+def test_inconsistent_training_knobs_are_explained(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    document = default_document()
+    document["train"].update(changes)
+    with pytest.raises(ConfigError) as caught:
+        load_params(write_params(tmp_path, document))
+    assert str(caught.value).startswith(f"{tmp_path / 'params.yaml'}: {message}")
+    assert "{" not in str(caught.value), "the section's values are not dumped into the message"
+
+
+def test_paths_in_dvc_yaml_are_the_ones_the_stages_write() -> None:
+    """dvc.yaml and pipeline/config.py name the same outputs, stage by stage."""
+    stages = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_OUTPUTS)
+    for name, stage in stages.items():
+        entries = [entry for key in ("outs", "metrics") for entry in stage.get(key, [])]
+        declared = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+        assert sorted(declared) == sorted(str(path) for path in STAGE_OUTPUTS[name]), name
+        assert stage["cmd"] == f"python -m pipeline.{name}"
+        assert f"pipeline/{name}.py" in stage["deps"]

@@ -24,5 +24,5 @@ def test_score_matches_hand_computed_figures() -> None:
 
 
 def test_confusion_csv_has_one_row_per_image() -> None:
-    text = evaluate._confusion_csv(np.array([3, 1]), np.array([3, 7]))
+    text = evaluate.confusion_csv(np.array([3, 1]), np.array([3, 7]))
     assert text == "actual,predicted\n3,3\n1,7\n"

@@ -9,9 +9,11 @@ import pytest
 
 from pipeline.config import ModelParams
 from pipeline.errors import DataError
-from pipeline.model import build_model, load, probabilities, with_softmax
+from pipeline.model import build_model, load, parameter_count, probabilities, save, with_softmax
 
-REFERENCE = ModelParams(hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+REFERENCE = ModelParams(
+    hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False, dropout=0.0
+)
 SMALL = REFERENCE.model_copy(update={"hidden_units": [8]})
 
 
@@ -80,7 +82,35 @@ def test_corrupt_model_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_saved_model_loads_in_safe_mode(tmp_path: Path) -> None:
     model = build_model(SMALL.model_copy(update={"batch_norm_logits": True}))
-    model.save(tmp_path / "model.keras")
+    save(model, tmp_path / "model.keras")
     loaded = load(tmp_path / "model.keras")
     x = np.ones((2, 784), np.float32)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_same_weights_give_the_same_bytes(tmp_path: Path) -> None:
+    """Keras stamps the save time into the archive; `save` leaves it out, so DVC sees only real changes."""
+    import time
+
+    model = build_model(SMALL)
+    save(model, tmp_path / "a.keras")
+    time.sleep(1.1)  # the zip and metadata clocks tick in seconds
+    save(model, tmp_path / "b.keras")
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+    model.get_layer("logits").bias.assign(np.ones(10, np.float32))
+    save(model, tmp_path / "c.keras")
+    assert (tmp_path / "c.keras").read_bytes() != (tmp_path / "a.keras").read_bytes()
+
+
+def test_dropout_follows_each_hidden_block_and_adds_no_weights() -> None:
+    model = build_model(REFERENCE.model_copy(update={"dropout": 0.1}))
+    names = [layer.name for layer in model.layers[1:]]
+    assert names.index("dropout1") == names.index("elu1") + 1
+    assert names.index("dropout2") == names.index("elu2") + 1
+    assert model.count_params() == build_model(REFERENCE).count_params()
+
+
+@pytest.mark.parametrize("variant", [{}, {"hidden_units": [7, 5, 3]}, {"batch_norm_logits": True}])
+def test_parameter_count_matches_keras(variant: dict[str, object]) -> None:
+    params = REFERENCE.model_copy(update=variant)
+    assert parameter_count(params) == build_model(params).count_params()

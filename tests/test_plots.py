@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from pipeline import plots
 
@@ -14,24 +15,22 @@ HISTORY = [
 ]
 
 
-def render_twice(make, tmp_path: Path) -> tuple[bytes, bytes]:
-    plots.save_png(make(), tmp_path / "a.png")
-    plots.save_png(make(), tmp_path / "b.png")
-    return (tmp_path / "a.png").read_bytes(), (tmp_path / "b.png").read_bytes()
+def render_twice(make: Callable[[], Figure]) -> tuple[bytes, bytes]:
+    return plots.png(make()), plots.png(make())
 
 
-def test_learning_curves_are_deterministic_pngs(tmp_path: Path) -> None:
-    first, second = render_twice(lambda: plots.learning_curves(HISTORY), tmp_path)
+def test_learning_curves_are_deterministic_pngs() -> None:
+    first, second = render_twice(lambda: plots.learning_curves(HISTORY))
     assert first.startswith(b"\x89PNG")
     assert first == second
 
 
-def test_confusion_matrix_labels_every_cell(tmp_path: Path) -> None:
+def test_confusion_matrix_labels_every_cell() -> None:
     matrix = np.arange(100).reshape(10, 10)
     figure = plots.confusion_matrix(matrix, "title")
     texts = {t.get_text() for t in figure.axes[0].texts}
     assert {"0", "55", "99"} <= texts
-    first, second = render_twice(lambda: plots.confusion_matrix(matrix, "title"), tmp_path)
+    first, second = render_twice(lambda: plots.confusion_matrix(matrix, "title"))
     assert first == second
 
 

@@ -3,7 +3,7 @@
 The images are real MNIST test digits from the offline copy committed in `data/offline/` (never from
 untracked pipeline outputs), redrawn as a user would have them: large, either polarity, off-centre,
 on grey paper, as JPEG. The model is trained here, on the offline training set, with the stage's own
-`Trainer` (a few seconds).
+training core, `pipeline.fit` (a few seconds).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from workspace import REPO, free_port, offline_mnist, venv_env
+from workspace import REPO, free_port, offline_mnist, offline_splits, venv_env
 
 from pipeline import predict
-from pipeline.config import ModelParams, TrainParams
+from pipeline.config import load_params
 from pipeline.errors import DataError
-from pipeline.model import build_model
-from pipeline.train import Trainer, seed_everything
+from pipeline.fit import fit
+from pipeline.model import save
 
 
 @pytest.fixture(scope="module")
@@ -187,20 +187,15 @@ def test_cli_no_registered_model(cli_env: dict[str, str], tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small network trained two epochs on the offline MNIST training set, saved as the stage saves it."""
-    images, labels = offline_mnist("train")
-    x = images.reshape(len(images), -1).astype(np.float32) / 255
-    y = labels.astype(np.int32)
-    train, validation = {"x": x[5000:], "y": y[5000:]}, {"x": x[:5000], "y": y[:5000]}
-    params = TrainParams(optimizer="sgd", learning_rate=0.05, epochs=2, batch_size=250, seed=42)
-    seed_everything(params.seed)
-    model = build_model(
-        ModelParams(hidden_units=[64, 32], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False)
+    defaults = load_params(REPO / "params.yaml")
+    fitted = fit(
+        defaults.model.model_copy(update={"hidden_units": [64, 32]}),
+        defaults.train.model_copy(update={"learning_rate": 0.05, "epochs": 2}),
+        *offline_splits(),
     )
-    trainer = Trainer(model, params, train, validation)
-    results = [trainer.run_epoch(epoch) for epoch in range(1, params.epochs + 1)]
-    assert results[-1].val_accuracy > 0.9
+    assert fitted.history[-1].val_accuracy > 0.9
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    model.save(path)
+    save(fitted.model, path)
     return path
 
 

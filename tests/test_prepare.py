@@ -63,7 +63,7 @@ def test_prepare_splits_first_rows_off_as_validation_without_shuffling(raw_dir: 
     out = tmp_path / "prepared"
     sizes = prepare.prepare(raw_dir, out, validation_size=5)
     assert sizes == {"validation": 5, "train": 7, "test": 4}
-    splits = {name: io.load_arrays(out / f"{name}.npz", "prepare") for name in sizes}
+    splits = {name: io.load_split(out / f"{name}.npz")._asdict() for name in sizes}
     # the pixel marker is the original index / 255: validation holds rows 0-4, train rows 5-11, in order
     np.testing.assert_allclose(splits["validation"]["x"][:, 0] * 255, np.arange(5), atol=1e-4)
     np.testing.assert_allclose(splits["train"]["x"][:, 0] * 255, np.arange(5, 12), atol=1e-4)

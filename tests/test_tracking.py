@@ -21,8 +21,12 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-def test_project_root_is_the_package_parent() -> None:
-    assert tracking.project_root() == Path(tracking.__file__).resolve().parents[1]
+def test_project_root_is_the_repository_holding_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "pipeline").mkdir(parents=True)
+    (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
+    assert tracking.project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
+    assert tracking.project_root(tmp_path / "repo") == tmp_path / "repo"
+    assert tracking.project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
 
 
 def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
@@ -32,10 +36,11 @@ def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
 
 def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # the current directory must not matter
-    root = tracking.project_root()
-    assert tracking.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}?timeout=60"
-    assert tracking.artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "plots").mkdir()
+    monkeypatch.chdir(tmp_path / "plots")  # a sub-folder of the repository finds the same store
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=60"
+    assert tracking.artifact_location(tracking.tracking_uri()) == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_server_store_keeps_its_own_artifact_location() -> None:
@@ -60,9 +65,9 @@ def run_status(run_id: str) -> str:
 
 
 def test_finished_run_lands_in_the_experiment(store: str) -> None:
-    with tracking.run() as active:
+    with tracking.run() as run_id:
         mlflow.log_param("p", 1)
-    run = mlflow.get_run(active.info.run_id)
+    run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert mlflow.get_experiment(run.info.experiment_id).name == tracking.EXPERIMENT
 
@@ -71,9 +76,9 @@ def test_finished_run_lands_in_the_experiment(store: str) -> None:
     ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (Terminated(), "KILLED")]
 )
 def test_failed_or_interrupted_run_does_not_stay_running(store: str, error: BaseException, status: str) -> None:
-    with pytest.raises(type(error)), tracking.run() as active:
+    with pytest.raises(type(error)), tracking.run() as run_id:
         raise error
-    assert run_status(active.info.run_id) == status
+    assert run_status(run_id) == status
 
 
 def test_resume_unknown_run_is_a_clear_error(store: str) -> None:
@@ -82,11 +87,11 @@ def test_resume_unknown_run_is_a_clear_error(store: str) -> None:
 
 
 def test_resume_logs_into_the_same_run(store: str) -> None:
-    with tracking.run() as active:
+    with tracking.run() as run_id:
         mlflow.log_metric("a", 1.0)
-    with tracking.resume(active.info.run_id):
+    with tracking.resume(run_id):
         mlflow.log_metric("b", 2.0)
-    assert mlflow.get_run(active.info.run_id).data.metrics == {"a": 1.0, "b": 2.0}
+    assert mlflow.get_run(run_id).data.metrics == {"a": 1.0, "b": 2.0}
 
 
 def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,18 +108,21 @@ def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: p
     assert tags["git_dirty"] in {"true", "false"}
 
 
-def test_champion_alias_moves_only_to_a_better_version(store: str, tmp_path: Path) -> None:
+def test_champion_moves_by_validation_accuracy_never_by_test(store: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     tracking.connect()
     client = MlflowClient()
     client.create_registered_model(tracking.REGISTERED_MODEL)
     champions = []
-    for accuracy in (0.90, 0.85, 0.95, 0.95):
-        with tracking.run() as active:
+    # (validation, test): version 2 is better on the test set but worse on validation; 4 ties version 3
+    for val_accuracy, test_accuracy in ((0.90, 0.90), (0.85, 0.99), (0.95, 0.80), (0.95, 0.97)):
+        with tracking.run() as run_id:
             pass
-        client.create_model_version(tracking.REGISTERED_MODEL, source=tmp_path.as_uri(), run_id=active.info.run_id)
-        tracking.record_model_quality(active.info.run_id, accuracy)
+        client.create_model_version(tracking.REGISTERED_MODEL, source=tmp_path.as_uri(), run_id=run_id)
+        tracking.promote_if_better(run_id, val_accuracy)
+        tracking.record_test_accuracy(run_id, test_accuracy)
         champions.append(str(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION).version))
-    assert champions == ["1", "1", "3", "3"]  # a worse or equal version does not take the alias
-    assert client.get_model_version(tracking.REGISTERED_MODEL, "2").tags["test_accuracy"] == "0.850000"
+    assert champions == ["1", "1", "3", "3"]  # a worse or equal validation accuracy does not take the alias
+    version = client.get_model_version(tracking.REGISTERED_MODEL, "2")
+    assert version.tags == {"val_accuracy": "0.850000", "test_accuracy": "0.990000"}

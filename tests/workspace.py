@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.io import Split
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train__epochs": 2, "model__hidden_units": [64, 32]}
 
@@ -83,3 +85,11 @@ def offline_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
         return np.frombuffer(data, np.uint8, offset=header)
 
     return read("images-idx3", 16).reshape(-1, 28, 28), read("labels-idx1", 8)
+
+
+def offline_splits(validation_size: int = 5000) -> tuple[Split, Split]:
+    """The training and validation splits as `prepare` makes them, from the offline copy."""
+    images, labels = offline_mnist("train")
+    x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+    y = labels.astype(np.int32)
+    return Split(x[validation_size:], y[validation_size:]), Split(x[:validation_size], y[:validation_size])

@@ -1,0 +1,154 @@
+"""The training core: the reference's batching, learning on small data, bit-identical reruns, the knobs
+beyond the tutorial, and divergence stopping the training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from workspace import REPO
+
+from pipeline.config import ModelParams, TrainParams, load_params
+from pipeline.errors import DivergedError, ResourceError
+from pipeline.fit import EpochResult, batch_layout, fit, shift_images
+from pipeline.io import Split
+
+DEFAULTS = load_params(REPO / "params.yaml")
+MODEL = DEFAULTS.model.model_copy(update={"hidden_units": [32, 16]})
+TRAIN = DEFAULTS.train.model_copy(update={"learning_rate": 0.1, "epochs": 3, "batch_size": 50, "seed": 7})
+
+
+@given(n=st.integers(1, 5_000), batch_size=st.integers(1, 5_000))
+def test_batch_layout_matches_numpy_array_split(n: int, batch_size: int) -> None:
+    if batch_size > n:
+        with pytest.raises(ValueError, match="larger than"):
+            batch_layout(n, batch_size)
+        return
+    expected = [len(part) for part in np.array_split(np.arange(n), n // batch_size)]
+    layout = batch_layout(n, batch_size)
+    assert [size for count, size in layout for _ in range(count)] == expected
+
+
+def test_reference_layout_is_220_batches_of_250() -> None:
+    assert batch_layout(55_000, 250) == [(220, 250)]
+
+
+def blobs(n: int, seed: int) -> Split:
+    """Ten well-separated Gaussian clusters in 784 dimensions: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(123).random((10, 784), dtype=np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    x = np.clip(centers[y] + rng.normal(0, 0.3, (n, 784)).astype(np.float32), 0, 1)
+    return Split(x.astype(np.float32), y)
+
+
+def train_weights(
+    params: TrainParams, train: Split, validation: Split, model: ModelParams = MODEL
+) -> tuple[list[np.ndarray], list[EpochResult]]:
+    """Train a fresh model with the core every caller uses; its weights (trainable and moving stats)."""
+    fitted = fit(model, params, train, validation)
+    return [np.array(w) for w in fitted.model.get_weights()], fitted.history
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Split, Split]:
+    return blobs(1_030, seed=1), blobs(200, seed=2)  # 1030 / 50 -> 20 batches of 51 or 52 rows
+
+
+def test_training_learns_small_data(data: tuple[Split, Split]) -> None:
+    _, results = train_weights(TRAIN, *data)
+    assert [r.epoch for r in results] == [1, 2, 3]
+    assert results[-1].train_loss < results[0].train_loss
+    assert results[-1].val_accuracy > 0.9  # chance is 0.1
+
+
+def test_same_seed_gives_bit_identical_weights(data: tuple[Split, Split]) -> None:
+    first, first_results = train_weights(TRAIN, *data)
+    second, second_results = train_weights(TRAIN, *data)
+    assert len(first) == len(second) == 14  # 3 dense x (kernel, bias) + 2 batch norms x (gamma, beta, mean, var)
+    for a, b in zip(first, second, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert first_results == second_results
+
+
+def test_different_seed_gives_different_weights(data: tuple[Split, Split]) -> None:
+    first, _ = train_weights(TRAIN, *data)
+    other, _ = train_weights(TRAIN.model_copy(update={"seed": 8}), *data)
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(first, other, strict=True))
+
+
+def test_batch_norm_moving_averages_are_updated_by_training(data: tuple[Split, Split]) -> None:
+    weights, _ = train_weights(TRAIN.model_copy(update={"epochs": 1}), *data)
+    moving_mean, moving_var = weights[4], weights[5]  # hidden1 kernel, bias, bn1 gamma, beta, mean, var
+    assert np.abs(moving_mean).max() > 0
+    assert not np.allclose(moving_var, 1.0)
+
+
+MODERN = TRAIN.model_copy(
+    update={
+        "optimizer": "adamw",
+        "learning_rate": 0.01,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup_epochs": 1,
+        "label_smoothing": 0.1,
+        "shift_pixels": 2,
+    }
+)
+
+
+def test_modern_recipe_learns_and_is_deterministic(data: tuple[Split, Split]) -> None:
+    dropout = MODEL.model_copy(update={"dropout": 0.1})
+    first, results = train_weights(MODERN, *data, model=dropout)
+    second, again = train_weights(MODERN, *data, model=dropout)
+    assert results == again
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+    assert results[-1].val_accuracy > 0.6  # chance is 0.1; shifts blur these non-spatial blobs
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"optimizer": "sgd", "momentum": 0.9, "nesterov": True},
+        {"optimizer": "rmsprop", "learning_rate": 0.001, "momentum": 0.5},
+        {"optimizer": "adam", "learning_rate": 0.001, "weight_decay": 0.001},
+    ],
+    ids=["nesterov", "rmsprop", "adam"],
+)
+def test_every_optimizer_learns(data: tuple[Split, Split], update: dict[str, object]) -> None:
+    _, results = train_weights(TRAIN.model_copy(update=update), *data)
+    assert results[-1].val_accuracy > 0.9
+
+
+def test_each_knob_changes_the_result(data: tuple[Split, Split]) -> None:
+    base, _ = train_weights(TRAIN.model_copy(update={"epochs": 1}), *data)
+    for update in ({"label_smoothing": 0.1}, {"shift_pixels": 1}, {"schedule": "cosine"}, {"weight_decay": 0.01}):
+        changed, _ = train_weights(TRAIN.model_copy(update={"epochs": 1, **update}), *data)
+        assert any(a.tobytes() != b.tobytes() for a, b in zip(base, changed, strict=True)), update
+
+
+def test_shift_moves_pixels_and_fills_with_black() -> None:
+    image = np.zeros((2, 28, 28), np.float32)
+    image[:, 10, 12] = 1.0
+    moved = np.asarray(shift_images(image.reshape(2, 784), np.array([[2, -3], [-1, 0]], np.int32))).reshape(2, 28, 28)
+    assert moved[0, 12, 9] == 1.0 and moved[1, 9, 12] == 1.0
+    assert moved.sum() == 2.0
+    edge = np.zeros((1, 28, 28), np.float32)
+    edge[0, 27, :] = 1.0  # a bottom row shifted down falls off the image
+    assert np.asarray(shift_images(edge.reshape(1, 784), np.array([[1, 0]], np.int32))).sum() == 0.0
+
+
+def test_divergence_stops_training_with_a_clear_error(data: tuple[Split, Split]) -> None:
+    wild = TRAIN.model_copy(update={"learning_rate": 100.0, "epochs": 5})
+    deep = MODEL.model_copy(update={"hidden_units": [300, 100, 100, 100]})
+    seen: list[EpochResult] = []
+    with pytest.raises(DivergedError, match=r"training diverged: .* lower train\.learning_rate \(now 100\.0\)"):
+        fit(deep, wild, *data, on_epoch=seen.append)
+    assert len(seen) < wild.epochs
+
+
+def test_a_network_larger_than_memory_is_refused_before_building() -> None:
+    huge = MODEL.model_copy(update={"hidden_units": [100_000, 100_000]})
+    with pytest.raises(ResourceError, match=r"needs about \d+\.\d GB .* GB free; use fewer or smaller hidden layers"):
+        fit(huge, TRAIN, blobs(100, 1), blobs(10, 2))
