@@ -275,12 +275,12 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
     return tags
 
 
-def log_datasets(splits: dict[str, dict[str, Any]], context: str) -> None:
-    """Record each split as an MLflow dataset input (with its digest) of the active run."""
+def log_datasets(splits: dict[str, Any], context: str) -> None:
+    """Record each split (an `io.Split`) as an MLflow dataset input, with its digest, of the active run."""
     import mlflow
 
-    for name, arrays in splits.items():
-        dataset = mlflow.data.from_numpy(arrays["x"], targets=arrays["y"], name=f"mnist-{name}")
+    for name, split in splits.items():
+        dataset = mlflow.data.from_numpy(split.x, targets=split.y, name=f"mnist-{name}")
         mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
 
 
