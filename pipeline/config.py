@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.errors import ConfigError
 
@@ -177,7 +178,7 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any], file: Path) -> str:
+def _describe(error: ErrorDetails, file: Path) -> str:
     """One sentence for one pydantic error: file, key, bad value, what is allowed."""
     loc = tuple(error["loc"])
     # repr() escapes newlines and control characters, so a key like "a\nb" cannot split the one-line message

@@ -40,24 +40,33 @@ def _no_space(target: Path, size: int | None) -> ResourceError:
     )
 
 
+class Split(NamedTuple):
+    """One split of the data: float32 pixels (n, 784) in [0, 1] and int32 labels (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
 class StagedOutputs:
     """A stage's outputs, written to temporary files and renamed onto their targets together."""
 
     def __init__(self) -> None:
         self._pending: dict[Path, Path] = {}
 
-    def write(self, target: Path, writer: Callable[[Path], None], size: int | None = None) -> None:
+    def write(self, target: Path, writer: Callable[[Path], object], size: int | None = None) -> None:
         """Let `writer` fill a temporary file that will replace `target` on commit."""
         try:
             tmp = _temporary_beside(target)
             self._pending[target] = tmp
             writer(tmp)
         except OSError as error:
+            self.discard()  # give back what the partial files took before measuring what is free
             # h5py (inside Keras' model.save) reports a full disk without an errno, in the text only
             if error.errno == errno.ENOSPC or "No space left" in str(error):
-                self.discard()  # give back what the partial files took before measuring what is free
                 raise _no_space(target, size) from None
-            raise
+            raise DataError(
+                f"cannot write {target} ({error.strerror or error}); check that its folder is writable."
+            ) from None
 
     def write_bytes(self, target: Path, data: bytes) -> None:
         self.write(target, lambda tmp: tmp.write_bytes(data), len(data))
@@ -69,14 +78,14 @@ class StagedOutputs:
         """Indented JSON with sorted keys; NaN or infinity is refused, it is not JSON."""
         self.write_text(target, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
-    def save_arrays(self, target: Path, **arrays: np.ndarray) -> None:
-        """An uncompressed .npz (no pickle)."""
+    def save_split(self, target: Path, split: Split) -> None:
+        """An uncompressed .npz with arrays `x` and `y` (no pickle)."""
 
         def writer(tmp: Path) -> None:
             with tmp.open("wb") as handle:
-                np.savez(handle, **arrays)
+                np.savez(handle, x=split.x, y=split.y)
 
-        self.write(target, writer, sum(array.nbytes for array in arrays.values()))
+        self.write(target, writer, split.x.nbytes + split.y.nbytes)
 
     def commit(self) -> None:
         for target, tmp in self._pending.items():
@@ -111,13 +120,6 @@ def read_json(source: Path, produced_by: str) -> dict[str, Any]:
         raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
 
 
-class Split(NamedTuple):
-    """One split of the data: float32 pixels (n, 784) in [0, 1] and int32 labels (n,)."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-
 def load_split(source: Path) -> Split:
     """A split written by the `prepare` stage."""
     arrays = load_arrays(source, "prepare")
@@ -125,7 +127,7 @@ def load_split(source: Path) -> Split:
 
 
 def load_arrays(source: Path, produced_by: str) -> dict[str, np.ndarray]:
-    """Load an .npz written by `StagedOutputs.save_arrays`: no pickle; a missing or corrupt file is explained."""
+    """Load an .npz written by `StagedOutputs.save_split`: no pickle; a missing or corrupt file is explained."""
     try:
         with np.load(source, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}

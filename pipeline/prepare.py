@@ -74,7 +74,7 @@ def prepare(raw_dir: Path, out_dir: Path, validation_size: int) -> dict[str, int
     splits["test"] = load_split(raw_dir, "t10k")
     with io.staged_outputs() as out:  # all three splits change together, or none
         for name, (xs, ys) in splits.items():
-            out.save_arrays(out_dir / f"{name}.npz", x=xs, y=ys)
+            out.save_split(out_dir / f"{name}.npz", io.Split(xs, ys))
             log.info("%s: %d images", name, len(xs))
     return {name: len(xs) for name, (xs, _) in splits.items()}
 

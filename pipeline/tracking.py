@@ -118,6 +118,7 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     """Start (or resume, with `run_id`) a run and yield its id; it never stays RUNNING: KILLED on
     Ctrl-C/SIGTERM, FAILED on error."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     experiment_id = connect()
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, **start_kwargs)
@@ -126,6 +127,14 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     except (KeyboardInterrupt, Terminated):
         mlflow.end_run("KILLED")
         raise
+    except (MlflowException, OSError, requests.RequestException) as error:
+        # the stage's own file errors are PipelineErrors already: what is left is the store failing
+        mlflow.end_run("FAILED")
+        reason = str(getattr(error, "message", "") or error).strip().splitlines()[0]
+        raise TrackingError(
+            f"recording the run in the MLflow store {tracking_uri()} failed ({type(error).__name__}: {reason}); "
+            "check the store (disk, permissions, server) and run again. The previous outputs were left as they were."
+        ) from None
     except BaseException:
         mlflow.end_run("FAILED")
         raise
@@ -278,9 +287,10 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
 def log_datasets(splits: dict[str, Any], context: str) -> None:
     """Record each split (an `io.Split`) as an MLflow dataset input, with its digest, of the active run."""
     import mlflow
+    from mlflow.data.numpy_dataset import from_numpy
 
     for name, split in splits.items():
-        dataset = mlflow.data.from_numpy(split.x, targets=split.y, name=f"mnist-{name}")
+        dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}")
         mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
 
 
