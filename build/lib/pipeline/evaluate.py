@@ -1,0 +1,124 @@
+"""Stage `evaluate`: score the trained model on the 10,000 test images with scikit-learn.
+
+The results go to metrics/test.json (for `dvc metrics`), plots/confusion.csv (for the `confusion`
+template of `dvc plots`), PNGs under plots/, and into the SAME MLflow run that trained the model,
+found through the run id that `train` wrote in metrics/train.json. Because that file travels with
+the model through DVC's cache, a model restored by `dvc checkout` is still evaluated into its own run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import io
+from pipeline.config import (
+    CONFUSION_FILE,
+    CONFUSION_PNG,
+    MISTAKES_PNG,
+    MODEL_FILE,
+    REPORT_FILE,
+    TEST_METRICS,
+    TRAIN_METRICS,
+    load_params,
+    prepared_file,
+)
+from pipeline.errors import DataError, run_stage
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Every test metric, from scikit-learn."""
+    from sklearn import metrics
+
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(probabilities.shape[1]))
+    result: dict[str, Any] = {
+        "accuracy": metrics.accuracy_score(labels, predicted),
+        "log_loss": metrics.log_loss(labels, probabilities, labels=classes),
+    }
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+            labels, predicted, labels=classes, average=average, zero_division=0
+        )
+        result |= {f"{average}_precision": precision, f"{average}_recall": recall, f"{average}_f1": f1}
+    result = {key: float(value) for key, value in result.items()}
+    result["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes)
+    result["report"] = metrics.classification_report(
+        labels, predicted, labels=classes, output_dict=True, zero_division=0
+    )
+    result["report_text"] = metrics.classification_report(labels, predicted, labels=classes, digits=4, zero_division=0)
+    return result
+
+
+def confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
+    """One `actual,predicted` row per test image: the input of `dvc plots`' confusion template."""
+    return "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(labels, predicted, strict=True))
+
+
+def assess(test: io.Split, probabilities: np.ndarray) -> tuple[dict[str, Any], dict[Path, bytes | str]]:
+    """The scores, and every file the stage writes except metrics/test.json, as contents by path."""
+    from pipeline import plots
+
+    result = score(test.y, probabilities)
+    title = f"Test set: accuracy {result['accuracy']:.4f}"
+    files: dict[Path, bytes | str] = {
+        CONFUSION_PNG: plots.png(plots.confusion_matrix(result["confusion_matrix"], title)),
+        MISTAKES_PNG: plots.png(plots.worst_mistakes(test.x, test.y, probabilities)),
+        CONFUSION_FILE: confusion_csv(test.y, probabilities.argmax(axis=1)),
+        REPORT_FILE: json.dumps(result["report"], indent=2) + "\n",
+    }
+    return result, files
+
+
+def evaluate() -> dict[str, float]:
+    """Score the model, log into its training run, then replace the stage's outputs together."""
+    import mlflow
+
+    from pipeline import model, tracking
+
+    run_id = io.read_json(TRAIN_METRICS, "train").get("mlflow_run_id")
+    if not run_id:
+        raise DataError(f"{TRAIN_METRICS} names no MLflow run; run `dvc repro -f train`.")
+    test_file = prepared_file("test")
+    test = io.load_split(test_file)
+    probabilities = model.probabilities(model.load(MODEL_FILE), test.x)
+    if not np.isfinite(probabilities).all():
+        raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
+    result, files = assess(test, probabilities)
+    scalars = {key: value for key, value in result.items() if isinstance(value, float)}
+    log.info(
+        "test accuracy %.4f, macro F1 %.4f, log loss %.4f",
+        scalars["accuracy"],
+        scalars["macro_f1"],
+        scalars["log_loss"],
+    )
+
+    with tracking.resume(run_id), io.staged_outputs() as out:
+        for path, content in files.items():
+            out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
+        out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
+        mlflow.set_tags(tracking.data_tags({"test": test_file}))
+        tracking.log_datasets({"test": test}, context="evaluation")
+        mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
+        mlflow.log_text(result["report_text"], "evaluation/classification_report.txt")
+        tracking.log_files({CONFUSION_PNG: files[CONFUSION_PNG], MISTAKES_PNG: files[MISTAKES_PNG]})
+        mlflow.log_dict(result["report"], "evaluation/classification_report.json")
+        tracking.record_test_accuracy(run_id, scalars["accuracy"])
+    return scalars
+
+
+def main() -> None:
+    """Validate params.yaml (evaluate reads none of it) and evaluate the trained model."""
+    load_params()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    evaluate()
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,245 @@
+"""The training core: params and arrays in, a trained model and its per-epoch history out.
+
+No files and no MLflow here, so the `train` stage, `mnist-tune`, the tests and the benchmark all train
+through the same code. The default parameters follow the reference program exactly: plain SGD on the
+mean sparse softmax cross-entropy; every epoch a fresh permutation of the training set (from a
+generator seeded by `train.seed`) array-split into `len(train) // batch_size` nearly equal batches;
+loss and accuracy on the validation set after every epoch. One epoch runs as a single XLA-compiled
+TensorFlow function, so Python runs once per epoch, not once per batch; docs/performance.md says why
+the loop looks as it does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.config import ModelParams, TrainParams
+from pipeline.errors import DivergedError
+from pipeline.io import Split
+
+if TYPE_CHECKING:
+    import keras
+
+SIDE = 28  # MNIST images are 28x28, stored flattened
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """Metrics of one epoch: train figures are averaged over the epoch's batches, as Keras reports them."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A trained model, its history, and the seconds the epochs took (compilation included)."""
+
+    model: keras.Model
+    history: list[EpochResult]
+    train_seconds: float
+
+
+def batch_layout(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """`(count, size)` groups of `np.array_split(range(n), n // batch_size)`: sizes differ by at most one.
+
+    array_split gives the first `n % k` batches one extra row, so an epoch is at most two runs of
+    equal-sized batches, each a static shape the compiler can specialise.
+    """
+    k = n // batch_size
+    if k < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training rows")
+    size, extra = divmod(n, k)
+    return [(count, rows) for count, rows in ((extra, size + 1), (k - extra, size)) if count]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, and make TensorFlow's kernels deterministic."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """A constant rate, or cosine decay to zero after a linear warm-up from zero."""
+    import keras
+
+    if params.schedule == "constant":
+        return params.learning_rate
+    warmup = params.warmup_epochs * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else params.learning_rate,
+        decay_steps=params.epochs * steps_per_epoch - warmup,
+        warmup_target=params.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer of params.yaml; `sgd` with no momentum is plain gradient descent, as in the reference."""
+    import keras
+
+    rate = learning_rate(params, steps_per_epoch)
+    decay = params.weight_decay or None  # None, not 0: no decay step in the graph at all
+    if params.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=params.momentum, nesterov=params.nesterov, weight_decay=decay)
+    if params.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(rate, momentum=params.momentum, weight_decay=decay)
+    if params.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=params.weight_decay)
+    return keras.optimizers.Adam(rate, weight_decay=decay)
+
+
+def shift_images(x: Any, shifts: Any) -> Any:
+    """Translate each flattened 28x28 image by its own `(rows, columns)` in `shifts`, filling with black.
+
+    A shift is a product with a 0/1 matrix on each side (`S_rows @ image @ S_columns^T`), so the
+    whole batch is two batched matrix products: cheap, exact and compiled with the training step.
+    """
+    import tensorflow as tf
+
+    images = tf.reshape(x, (-1, SIDE, SIDE))
+    positions = tf.range(SIDE)[None, :]
+    rows = tf.one_hot(positions - shifts[:, :1], SIDE)  # rows[b, i, j] = 1 where j == i - shift
+    columns = tf.one_hot(positions - shifts[:, 1:], SIDE)
+    moved = tf.matmul(tf.matmul(rows, images), columns, transpose_b=True)
+    return tf.reshape(moved, (-1, SIDE * SIDE))
+
+
+class Trainer:
+    """One XLA-compiled call per epoch and a plain-graph validation pass, both traced up front."""
+
+    def __init__(self, model: keras.Model, params: TrainParams, train: Split, validation: Split) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.model, self.params = model, params
+        self.n = len(train.x)
+        self.layout = batch_layout(self.n, params.batch_size)
+        self.optimizer = make_optimizer(params, sum(count for count, _ in self.layout))
+        self.optimizer.build(model.trainable_variables)
+        if params.label_smoothing:
+            smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=params.label_smoothing)
+            self.loss_fn = lambda labels, logits: smoothed(tf.one_hot(labels, logits.shape[-1]), logits)
+        else:
+            self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # validation reports the plain cross-entropy, comparable across label_smoothing values
+        self.val_loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.x, self.y = tf.constant(train.x), tf.constant(train.y)
+        self.x_val, self.y_val = tf.constant(validation.x), tf.constant(validation.y)
+        self.rng = np.random.default_rng(params.seed)
+        permutation = tf.TensorSpec((self.n,), tf.int32)
+        self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=[permutation])
+        self._validate = tf.function(self._validate_body, jit_compile=False, input_signature=[])
+        self._epoch.get_concrete_function()  # trace only; XLA compiles on the first call
+        self._validate.get_concrete_function()
+
+    def _augment(self, xb: Any) -> Any:
+        import tensorflow as tf
+
+        limit = self.params.shift_pixels
+        seed = tf.stack([tf.constant(self.params.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        shifts = tf.random.stateless_uniform((tf.shape(xb)[0], 2), seed, -limit, limit + 1, dtype=tf.int32)
+        return shift_images(xb, shifts)
+
+    def _step(self, idx: Any) -> tuple[Any, Any]:
+        import tensorflow as tf
+
+        xb, yb = tf.gather(self.x, idx), tf.gather(self.y, idx)
+        if self.params.shift_pixels:
+            xb = self._augment(xb)
+        with tf.GradientTape() as tape:
+            logits = self.model(xb, training=True)
+            loss = self.loss_fn(yb, logits)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        rows = tf.cast(tf.shape(idx)[0], tf.float32)
+        return loss * rows, _correct(logits, yb)
+
+    def _epoch_body(self, permutation: Any) -> tuple[Any, Any]:
+        import tensorflow as tf
+
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        start = 0
+        for count, size in self.layout:
+            batches = tf.reshape(permutation[start : start + count * size], (count, size))
+            start += count * size
+            for i in tf.range(count):
+                batch_loss, batch_correct = self._step(batches[i])
+                loss_sum += batch_loss
+                correct += batch_correct
+        return loss_sum / self.n, correct / self.n
+
+    def _validate_body(self) -> tuple[Any, Any]:
+        import tensorflow as tf
+
+        logits = self.model(self.x_val, training=False)
+        return self.val_loss_fn(self.y_val, logits), _correct(logits, self.y_val) / tf.cast(
+            tf.size(self.y_val), tf.float32
+        )
+
+    def run_epoch(self, epoch: int) -> EpochResult:
+        """One pass over a fresh permutation of the training set, then validation."""
+        permutation = self.rng.permutation(self.n).astype(np.int32)
+        train_loss, train_accuracy = self._epoch(permutation)
+        val_loss, val_accuracy = self._validate()
+        return EpochResult(epoch, float(train_loss), float(train_accuracy), float(val_loss), float(val_accuracy))
+
+
+def _correct(logits: Any, labels: Any) -> Any:
+    """How many rows have the label as their top-1 logit (as a float, to sum and divide)."""
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32))
+
+
+def check_finite(result: EpochResult, params: TrainParams) -> None:
+    """A NaN or infinite loss means the weights are ruined: stop, never hand on such a model."""
+    if all(math.isfinite(value) for value in (result.train_loss, result.val_loss)):
+        return
+    raise DivergedError(
+        f"training diverged: the loss is {result.train_loss} (validation {result.val_loss}) after epoch "
+        f"{result.epoch}; lower train.learning_rate (now {params.learning_rate}), or use fewer or smaller "
+        "hidden layers. Nothing was saved or registered."
+    )
+
+
+def fit(
+    model_params: ModelParams,
+    train_params: TrainParams,
+    train: Split,
+    validation: Split,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> Fitted:
+    """Seed, build and train the network; `on_epoch` sees each epoch's result (progress, pruning).
+
+    Raises `DivergedError` at the first epoch whose loss is not finite.
+    """
+    from pipeline.model import build_model, check_fits_in_memory
+
+    check_fits_in_memory(model_params, train_params.batch_size)
+    seed_everything(train_params.seed)
+    model = build_model(model_params)
+    trainer = Trainer(model, train_params, train, validation)
+    history: list[EpochResult] = []
+    seconds = 0.0
+    for epoch in range(1, train_params.epochs + 1):
+        started = time.perf_counter()
+        result = trainer.run_epoch(epoch)
+        seconds += time.perf_counter() - started
+        check_finite(result, train_params)
+        history.append(result)
+        if on_epoch:
+            on_epoch(result)
+    return Fitted(model, history, seconds)

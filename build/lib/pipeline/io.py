@@ -1,0 +1,137 @@
+"""Small file helpers shared by the stages: outputs replaced as a set, and pickle-free array files.
+
+A stage that fails or is killed at any moment (Ctrl-C, SIGTERM, a full disk) must leave either all of
+its old outputs or all of its new ones, never a mix and never a half-written file: `staged_outputs`
+writes every output to a temporary file beside its target first, and renames them into place only
+once all of them are written (a rename needs no space and POSIX makes each one atomic).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pipeline.errors import DataError, ResourceError
+
+
+def _temporary_beside(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _no_space(target: Path, size: int | None) -> ResourceError:
+    free = shutil.disk_usage(target.parent).free
+    needs = f"it needs about {size / 1e6:.1f} MB, " if size else ""
+    return ResourceError(
+        f"no space left on the device to write {target} ({needs}{free / 1e6:.1f} MB free there); "
+        "free some space and run the stage again. The previous outputs were left as they were."
+    )
+
+
+class Split(NamedTuple):
+    """One split of the data: float32 pixels (n, 784) in [0, 1] and int32 labels (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+class StagedOutputs:
+    """A stage's outputs, written to temporary files and renamed onto their targets together."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, Path] = {}
+
+    def write(self, target: Path, writer: Callable[[Path], object], size: int | None = None) -> None:
+        """Let `writer` fill a temporary file that will replace `target` on commit."""
+        try:
+            tmp = _temporary_beside(target)
+            self._pending[target] = tmp
+            writer(tmp)
+        except OSError as error:
+            self.discard()  # give back what the partial files took before measuring what is free
+            # h5py (inside Keras' model.save) reports a full disk without an errno, in the text only
+            if error.errno == errno.ENOSPC or "No space left" in str(error):
+                raise _no_space(target, size) from None
+            raise DataError(
+                f"cannot write {target} ({error.strerror or error}); check that its folder is writable."
+            ) from None
+
+    def write_bytes(self, target: Path, data: bytes) -> None:
+        self.write(target, lambda tmp: tmp.write_bytes(data), len(data))
+
+    def write_text(self, target: Path, text: str) -> None:
+        self.write_bytes(target, text.encode("utf-8"))
+
+    def write_json(self, target: Path, payload: dict[str, Any]) -> None:
+        """Indented JSON with sorted keys; NaN or infinity is refused, it is not JSON."""
+        self.write_text(target, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+    def save_split(self, target: Path, split: Split) -> None:
+        """An uncompressed .npz with arrays `x` and `y` (no pickle)."""
+
+        def writer(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.savez(handle, x=split.x, y=split.y)
+
+        self.write(target, writer, split.x.nbytes + split.y.nbytes)
+
+    def commit(self) -> None:
+        for target, tmp in self._pending.items():
+            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+            tmp.replace(target)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp in self._pending.values():
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """Collect outputs in the block; replace the targets only if the whole block succeeds."""
+    staged = StagedOutputs()
+    try:
+        yield staged
+        staged.commit()
+    finally:
+        staged.discard()
+
+
+def read_json(source: Path, produced_by: str) -> dict[str, Any]:
+    """Read a JSON file that an earlier stage wrote, with a clear error if it is missing or corrupt."""
+    try:
+        return json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{source} is missing; run `dvc repro {produced_by}` to create it.") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
+
+
+def load_split(source: Path) -> Split:
+    """A split written by the `prepare` stage."""
+    arrays = load_arrays(source, "prepare")
+    return Split(arrays["x"], arrays["y"])
+
+
+def load_arrays(source: Path, produced_by: str) -> dict[str, np.ndarray]:
+    """Load an .npz written by `StagedOutputs.save_split`: no pickle; a missing or corrupt file is explained."""
+    try:
+        with np.load(source, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise DataError(f"{source} is missing; run `dvc repro {produced_by}` to create it.") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None

@@ -1,0 +1,134 @@
+"""The network of the reference program, as a Keras 3 functional model.
+
+Each hidden layer is a dense layer WITHOUT activation, then batch normalization, then the activation
+(ELU by default); the output is a dense layer of 10 logits. The reference also builds a batch-norm
+layer on the logits but never uses its output, so the effective model has raw logits; set
+`model.batch_norm_logits: true` to train the variant that does use it.
+
+Keras is imported inside the functions, so that `load` can report a missing file before paying for
+TensorFlow's start-up and `mnist-predict` fails fast on a wrong path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.config import MODEL_FILE, ModelParams
+from pipeline.errors import DataError, ResourceError
+
+if TYPE_CHECKING:
+    import keras
+
+N_FEATURES = 28 * 28
+N_CLASSES = 10
+BN_EPSILON = 1e-3  # the TF1 default that the reference uses
+
+
+def build_model(params: ModelParams) -> keras.Model:
+    """Dense -> BatchNorm -> activation for each hidden layer, then dense logits."""
+    import keras
+
+    inputs = keras.Input(shape=(N_FEATURES,), name="pixels")
+    x = inputs
+    for i, units in enumerate(params.hidden_units, start=1):
+        x = keras.layers.Dense(units, name=f"hidden{i}")(x)
+        x = keras.layers.BatchNormalization(momentum=params.batch_norm_momentum, epsilon=BN_EPSILON, name=f"bn{i}")(x)
+        x = keras.layers.Activation(params.activation, name=f"{params.activation}{i}")(x)
+        if params.dropout:
+            x = keras.layers.Dropout(params.dropout, name=f"dropout{i}")(x)
+    logits = keras.layers.Dense(N_CLASSES, name="logits")(x)
+    if params.batch_norm_logits:
+        logits = keras.layers.BatchNormalization(
+            momentum=params.batch_norm_momentum, epsilon=BN_EPSILON, name="bn_logits"
+        )(logits)
+    return keras.Model(inputs, logits, name="mnist_bn_mlp")
+
+
+def parameter_count(params: ModelParams) -> int:
+    """Weights of the network (dense kernels and biases, batch-norm scale, offset and moving stats)."""
+    sizes = [N_FEATURES, *params.hidden_units, N_CLASSES]
+    dense = sum(n_in * n_out + n_out for n_in, n_out in pairwise(sizes))
+    return dense + 4 * sum(params.hidden_units) + (4 * N_CLASSES if params.batch_norm_logits else 0)
+
+
+def available_memory() -> int:
+    """Bytes of memory that can be had without swapping (Linux's MemAvailable; elsewhere free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -> None:
+    """Fail before building a network whose training cannot fit in this machine's free memory.
+
+    Training holds each weight about (2 + `slots`) times in float32 (the weight, its gradient and the
+    optimizer's slots), plus a batch of activations of every layer kept for the backward pass.
+    """
+    floats = (2 + slots) * parameter_count(params) + 3 * batch_size * sum(params.hidden_units)
+    needed = 4 * floats
+    available = available_memory()
+    if needed > available:
+        raise ResourceError(
+            f"model.hidden_units {params.hidden_units} needs about {needed / 1e9:.1f} GB to train "
+            f"({parameter_count(params):,} weights), but this machine has {available / 1e9:.1f} GB free; "
+            "use fewer or smaller hidden layers."
+        )
+
+
+def save(model: keras.Model, path: Path) -> None:
+    """Save in the native .keras format to `path`, byte-identical for identical weights.
+
+    Keras stamps the save time into the archive (metadata.json and a zip entry date); both are fixed
+    here, so `dvc status` and dvc.lock see a change only when the model itself changed.
+    """
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries:
+            if name == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata, sort_keys=True).encode()
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+def with_softmax(model: keras.Model) -> keras.Model:
+    """The served form: same weights, ten class probabilities instead of logits."""
+    import keras
+
+    probabilities = keras.layers.Softmax(name="probabilities")(model.output)
+    return keras.Model(model.input, probabilities, name="mnist_bn_mlp_probabilities")
+
+
+def load(path: Path = MODEL_FILE) -> keras.Model:
+    """Load a model saved by `train` in Keras' safe mode: stored code (lambdas) is never executed."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run `dvc repro train` to train the model.")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged zip or config
+        raise DataError(
+            f"{path} cannot be loaded ({type(error).__name__}); run `dvc repro -f train` to rebuild it."
+        ) from None
+
+
+def probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Class probabilities of a logits model: softmax computed in float64, for a stable log loss."""
+    from scipy.special import softmax
+
+    logits = np.asarray(model(x, training=False), dtype=np.float64)
+    return softmax(logits, axis=1)

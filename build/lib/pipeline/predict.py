@@ -1,0 +1,179 @@
+"""Command `mnist-predict IMAGE [IMAGE ...] [--model URI_OR_PATH]`: classify photos or scans of digits.
+
+The network only knows MNIST's conventions, so each image is brought to them first: white digit on a
+black background, cropped to the digit, its longer side scaled to 20 px, pasted into a 28x28 canvas with
+its centre of mass at the centre, pixels / 255 flattened to 784 values. Without this a dark digit on
+white paper, or a digit off-centre in a large photo, is classified as noise.
+
+The default model is the registry's champion, `models:/mnist-bn-mlp@champion`, in the store the
+pipeline uses (`pipeline.tracking`: `MLFLOW_TRACKING_URI`, else `mlflow.db` at the repository root).
+`--model` takes any MLflow model URI, or a `.keras` file such as `models/model.keras` (which outputs
+logits, so its softmax is taken). One tab-separated line per image, `file digit probability`, so
+scripts can cut or sort the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline import tracking
+from pipeline.errors import DataError, PipelineError, TrackingError, run_stage
+
+DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
+SIDE = 28  # the MNIST canvas
+CENTRE = 14  # the row and column of the centre of mass of MNIST digits
+BOX = 20  # MNIST scales each digit to fit 20x20, leaving a 4 px margin for the centre-of-mass shift
+MIN_CONTRAST = 32  # grey levels between paper and ink below which we call the image blank
+INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper noise) for the crop
+
+Classifier = Callable[[np.ndarray], np.ndarray]
+
+
+class UsageError(PipelineError):
+    """The command line is wrong (no image given, unknown option)."""
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """Any image of one digit -> the 784 float32 values in [0, 1] that MNIST would hold for it."""
+    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # drawing apps export dark strokes on a transparent background: put them on white paper
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127.5:  # light paper: invert, MNIST digits are white on black
+        gray, border = 255 - gray, 255 - border
+    ink = gray - np.median(border)  # a grey background (a photo of paper) becomes black
+    strength = float(ink.max())
+    if strength < MIN_CONTRAST:
+        raise DataError("no digit found: the image is blank or has almost no contrast")
+    ink = np.clip(ink / strength, 0.0, 1.0)
+
+    rows, cols = np.nonzero(ink >= INK)
+    digit = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = BOX / max(digit.shape)
+    height, width = (max(1, round(n * scale)) for n in digit.shape)
+    resized = Image.fromarray(digit).resize((width, height), Image.Resampling.LANCZOS)
+    digit = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)  # Lanczos rings slightly outside [0, 1]
+
+    # Centre of mass onto pixel (14, 14), where MNIST has it (its test set: mean row 13.99, column 14.01).
+    ys, xs = np.indices(digit.shape)
+    mass = digit.sum()
+    top = int(np.clip(round(CENTRE - (ys * digit).sum() / mass), 0, SIDE - height))
+    left = int(np.clip(round(CENTRE - (xs * digit).sum() / mass), 0, SIDE - width))
+    canvas = np.zeros((SIDE, SIDE), dtype=np.float32)
+    canvas[top : top + height, left : left + width] = digit
+    return canvas.reshape(-1)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read and preprocess one file; every way it can fail is a DataError that names the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_mnist(image)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the file name.") from None
+    except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, a folder, unreadable
+        reason = "not an image Pillow can read" if isinstance(error, Image.UnidentifiedImageError) else str(error)
+        raise DataError(f"{path} cannot be read ({reason}); pass a PNG or JPEG image of one digit.") from None
+    except DataError as error:
+        raise DataError(f"{path}: {error}; pass an image of one digit.") from None
+
+
+def _quiet_keras() -> None:
+    """Keras' progress bars would mix into the results on stdout."""
+    import keras
+
+    keras.utils.disable_interactive_logging()
+
+
+def load_keras(path: Path) -> Classifier:
+    """A `.keras` file as the pipeline saves it (logits out), loaded as `evaluate` loads it."""
+    from pipeline import model
+
+    network = model.load(path)
+    _quiet_keras()
+    return lambda x: model.probabilities(network, x)
+
+
+def load_mlflow(uri: str) -> Classifier:
+    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities."""
+    import mlflow
+
+    store = tracking.tracking_uri()
+    tracking.check_reachable(store)
+    # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
+    if (database := tracking.sqlite_path(store)) and not database.is_file():
+        raise TrackingError(
+            f"there is no MLflow store at {database}; run `dvc repro` to train and register a model, "
+            "set MLFLOW_TRACKING_URI, or pass --model models/model.keras."
+        )
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
+        text = str(getattr(error, "message", "") or error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise TrackingError(
+            f"cannot load the model {uri} from {store} ({reason}); run `dvc repro` to train and register one, "
+            "or pass --model with another URI or a .keras file."
+        ) from None
+    _quiet_keras()
+    return lambda x: np.asarray(model.predict(x), dtype=np.float64)
+
+
+def load_model(uri: str) -> Classifier:
+    """A function from (n, 784) float32 pixels to (n, 10) class probabilities."""
+    return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
+
+
+def classify(paths: Sequence[Path], model_uri: str = DEFAULT_MODEL) -> list[tuple[Path, int, float]]:
+    """`(file, digit, probability)` per image. Images are read first: a bad file fails before the slow model load."""
+    pixels = np.stack([load_image(path) for path in paths])
+    probabilities = load_model(model_uri)(pixels)
+    if probabilities.shape != (len(paths), 10):
+        raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
+    return [(path, int(row.argmax()), float(row.max())) for path, row in zip(paths, probabilities, strict=True)]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A wrong command line is a user mistake like any other: one `error:` line, no usage dump."""
+        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ').strip()}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and print `file<TAB>digit<TAB>probability` for each image."""
+    parser = _Parser(prog="mnist-predict", description="Classify images of handwritten digits.")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, one digit each")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="URI_OR_PATH",
+        help=f"an MLflow model URI (runs:/..., models:/...) or a .keras file (default: {DEFAULT_MODEL})",
+    )
+    args = parser.parse_args(argv)
+    for path, digit, probability in classify(args.images, args.model):
+        print(f"{path}\t{digit}\t{probability:.4f}")
+
+
+def run() -> None:
+    """The console script. MLflow's info logs and download bars are silenced so stderr holds only problems."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    run_stage(lambda: main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

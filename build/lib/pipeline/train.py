@@ -1,0 +1,115 @@
+"""Stage `train`: train the network (`pipeline.fit`), record the run in MLflow, write the outputs.
+
+The outputs (model, learning curves, history, metrics) replace the previous ones together, and only
+after the MLflow run holds everything: a failure anywhere leaves the previous outputs as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+
+from pipeline import io
+from pipeline.config import (
+    CURVES_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    PARAMS_FILE,
+    TRAIN_METRICS,
+    Params,
+    load_params,
+    prepared_file,
+)
+from pipeline.errors import run_stage
+from pipeline.fit import EpochResult, Fitted, fit
+
+log = logging.getLogger("pipeline.train")
+
+
+@contextmanager
+def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
+    """A progress bar on a terminal, one quiet line per epoch in logs."""
+    from tqdm import tqdm
+
+    with tqdm(total=epochs, desc="train", unit="epoch", disable=None, file=sys.stderr) as bar:
+
+        def report(result: EpochResult) -> None:
+            figures = (
+                f"loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} "
+                f"val_loss {result.val_loss:.4f} val_acc {result.val_accuracy:.4f}"
+            )
+            if bar.disable:
+                log.info("epoch %d/%d: %s", result.epoch, epochs, figures)
+            else:
+                bar.set_postfix_str(figures, refresh=False)
+                bar.update()
+
+        yield report
+
+
+def history_csv(history: list[EpochResult]) -> str:
+    """Per-epoch learning curves in the CSV form `dvc plots` reads."""
+    fields = list(asdict(history[0]))
+    rows = [",".join(fields)] + [
+        ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(r).values()) for r in history
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
+    """metrics/train.json: the last epoch's figures, the time, and the MLflow run that holds the rest."""
+    final = fitted.history[-1]
+    return {
+        "val_accuracy": final.val_accuracy,
+        "val_loss": final.val_loss,
+        "train_accuracy": final.train_accuracy,
+        "train_loss": final.train_loss,
+        "epochs": len(fitted.history),
+        "train_seconds": round(fitted.train_seconds, 3),
+        "mlflow_run_id": run_id,
+    }
+
+
+def train(params: Params) -> Fitted:
+    """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
+    from pipeline import model, plots, tracking
+
+    data_files = {split: prepared_file(split) for split in ("train", "validation")}
+    train_set, validation = (io.load_split(path) for path in data_files.values())
+    tags = tracking.lineage_tags(PARAMS_FILE, data_files)
+
+    with tracking.run(run_name=tracking.dvc_experiment(), tags=tags) as run_id, io.staged_outputs() as out:
+        tracking.log_params(params.flat())
+        tracking.log_datasets({"train": train_set, "validation": validation}, context="training")
+        with progress(params.train.epochs) as report:
+            fitted = fit(params.model, params.train, train_set, validation, on_epoch=report)
+        log.info(
+            "trained %d epochs in %.2f s: val_accuracy %.4f",
+            params.train.epochs,
+            fitted.train_seconds,
+            fitted.history[-1].val_accuracy,
+        )
+        curves = history_csv(fitted.history)
+        figure = plots.png(plots.learning_curves([asdict(result) for result in fitted.history]))
+        # Written to temporary files first, so a full disk fails here, before anything is registered.
+        out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
+        out.write_bytes(CURVES_FILE, figure)
+        out.write_text(HISTORY_FILE, curves)
+        out.write_json(TRAIN_METRICS, summary(fitted, run_id))
+        tracking.log_training(run_id, fitted.history, fitted.train_seconds, {CURVES_FILE: figure, HISTORY_FILE: curves})
+        tracking.log_model(run_id, fitted.model, validation.x[:5], fitted.history[-1].val_accuracy)
+    return fitted
+
+
+def main() -> None:
+    """Read `model` and `train` from params.yaml and train."""
+    params = load_params()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(params)
+
+
+if __name__ == "__main__":
+    run_stage(main)
