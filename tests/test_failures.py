@@ -1,27 +1,39 @@
-"""Fault injection against the real stages: interruptions, a dead tracking server, a bad params.yaml.
+"""Fault injection against the real stages: interruptions, a dead or broken tracking store, bad params,
+a diverging training, a network larger than memory, and a full disk (a real, small tmpfs).
 
 Each must end in one `error:` line and a non-zero exit, never a traceback, never a run left RUNNING,
-and never a changed or half-written model, metrics file or dvc.lock.
+never a new registered model version, and never a changed or half-written output: every `outs` and
+`metrics` path that dvc.yaml declares, and dvc.lock, stay byte-identical.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
 from workspace import QUICK, clone, free_port, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
 ENV = venv_env()
-GUARDED = ("dvc.lock", "models/model.keras", "metrics/train.json", "metrics/test.json")
+MODEL_NAME = "mnist-bn-mlp"
+MB = 1_000_000
+
+
+# --- the shared clone and what is guarded in it ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -32,95 +44,342 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def fingerprint(repo: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((repo / name).read_bytes()).hexdigest() for name in GUARDED}
+@pytest.fixture(autouse=True)
+def restore_params(repo: Path) -> Iterator[None]:
+    """Whatever a test does to params.yaml, the next test finds it as committed, also after a failure."""
+    original = (repo / "params.yaml").read_bytes()
+    yield
+    (repo / "params.yaml").write_bytes(original)
 
 
-def assert_one_error_line(stderr: str) -> None:
-    assert "Traceback" not in stderr
+def stage_outputs(repo: Path, stage: str) -> list[str]:
+    """The `outs` and `metrics` paths that dvc.yaml declares for `stage`."""
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    paths = []
+    for kind in ("outs", "metrics"):
+        for entry in declared.get(kind, []):
+            paths.extend([entry] if isinstance(entry, str) else entry)  # `- path` or `- path: {options}`
+    return paths
+
+
+def declared_outputs(repo: Path) -> list[str]:
+    """Every output of every stage of dvc.yaml, and dvc.lock: what a failing stage must leave as it was."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return [path for stage in stages for path in stage_outputs(repo, stage)] + ["dvc.lock"]
+
+
+def fingerprint(root: Path, paths: list[str]) -> dict[str, str]:
+    """SHA-256 of each file (all must exist: a missing output is a change too)."""
+    digests = {}
+    for name in paths:
+        with (root / name).open("rb") as handle:
+            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def leftovers(root: Path, paths: list[str]) -> list[Path]:
+    """Temporary files (`.name.XXXX.tmp...`) left beside the outputs."""
+    folders = {(root / name).parent for name in paths}
+    return [tmp for folder in folders for tmp in folder.glob(".*.tmp*")]
+
+
+# --- the MLflow store --------------------------------------------------------------------------------
+
+
+def store_uri(repo: Path) -> str:
+    return f"sqlite:///{repo / 'mlflow.db'}"
+
+
+def client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=store_uri(repo), registry_uri=store_uri(repo))
+
+
+def all_runs(repo: Path) -> list[Run]:
+    store = client(repo)
+    experiments = [e.experiment_id for e in store.search_experiments(view_type=ViewType.ALL)]
+    return list(store.search_runs(experiments, run_view_type=ViewType.ALL, max_results=5000))
+
+
+def model_versions(repo: Path) -> int:
+    return len(client(repo).search_model_versions(f"name='{MODEL_NAME}'"))
+
+
+@dataclass(frozen=True)
+class Before:
+    """What a failing command must not change: the outputs, and the store's runs and model versions."""
+
+    root: Path
+    paths: list[str]
+    digests: dict[str, str]
+    run_ids: set[str]
+    versions: int
+
+
+def snapshot(repo: Path, root: Path | None = None, paths: list[str] | None = None) -> Before:
+    """The state of `paths` under `root` (default: every declared output of the clone) and of the clone's store."""
+    root = root or repo
+    paths = paths if paths is not None else declared_outputs(repo)
+    return Before(root, paths, fingerprint(root, paths), {r.info.run_id for r in all_runs(repo)}, model_versions(repo))
+
+
+def error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def assert_failed_cleanly(repo: Path, before: Before, returncode: int, output: str, *words: str) -> list[Run]:
+    """The failure contract; returns the runs the command added to the store, for further checks."""
+    assert returncode != 0, output
+    line = error_line(output)
+    for word in words:
+        assert word in line, line
+    assert fingerprint(before.root, before.paths) == before.digests, "a failing stage must not touch the outputs"
+    assert not leftovers(before.root, before.paths), "no temporary file left beside the outputs"
+    runs = all_runs(repo)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "no run may stay RUNNING"
+    assert model_versions(repo) == before.versions, "a failing training must register no model version"
+    return [r for r in runs if r.info.run_id not in before.run_ids]
+
+
+def run(
+    *command: str | Path, cwd: Path, env: dict[str, str] = ENV, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --- interruptions ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def started(command: list[str], **popen: object) -> Iterator[subprocess.Popen]:
+    """A process that is killed if the test leaves before it ended."""
+    process = subprocess.Popen(command, text=True, **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            if popen.get("start_new_session"):  # dvc and the stage it runs
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait(timeout=60)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupted_training_is_killed_cleanly(repo: Path, signum: int, code: int) -> None:
     set_params(repo, train__epochs=500)  # long enough to be interrupted mid-training
-    before = fingerprint(repo)
-    runs_before = {r.info.run_id for r in client(repo).search_runs(["1"], max_results=1000)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train"], cwd=repo, env=ENV, stderr=subprocess.PIPE, text=True
-    )
-    lines = []
-    for line in process.stderr:  # wait until training is under way
-        lines.append(line)
-        if line.startswith("epoch 2/"):
-            break
-    process.send_signal(signum)
-    stderr = "".join(lines) + process.stderr.read()
-    assert process.wait(timeout=60) == code
-    assert_one_error_line(stderr)
-    assert fingerprint(repo) == before, "an interrupted training must not touch the outputs"
-    assert not list((repo / "models").glob(".*tmp*")), "no temporary model left behind"
-    new = [r for r in client(repo).search_runs(["1"], max_results=1000) if r.info.run_id not in runs_before]
+    before = snapshot(repo)
+    command = [sys.executable, "-m", "pipeline.train"]
+    with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
+        lines = []
+        for line in process.stderr:  # wait until training is under way
+            lines.append(line)
+            if line.startswith("epoch 2/"):
+                break
+        process.send_signal(signum)
+        stderr = "".join(lines) + process.stderr.read()
+        assert process.wait(timeout=60) == code
+    new = assert_failed_cleanly(repo, before, code, stderr, "error: ")
     assert [r.info.status for r in new] == ["KILLED"]
-    set_params(repo, **QUICK)
-
-
-def client(repo: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def test_unreachable_tracking_server_fails_fast_before_training(repo: Path) -> None:
-    before = fingerprint(repo)
-    uri = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.train"],
-        cwd=repo,
-        env=ENV | {"MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    elapsed = time.monotonic() - started
-    assert done.returncode == 1
-    assert_one_error_line(done.stderr)
-    assert uri in done.stderr
-    assert "epoch 1/" not in done.stderr, "must fail before training starts"
-    assert elapsed < 30  # seconds: interpreter and TensorFlow start-up, then one refused connection
-    assert fingerprint(repo) == before
-
-
-def test_bad_params_leave_everything_as_it_was(repo: Path) -> None:
-    before = fingerprint(repo)
-    params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("learning_rate: 0.01", "lerning_rate: 0.01"))
-    done = subprocess.run(["dvc", "repro"], cwd=repo, env=ENV, capture_output=True, text=True, timeout=300)
-    (repo / "params.yaml").write_text(params)
-    assert done.returncode != 0
-    assert "unknown key 'train.lerning_rate'; did you mean 'learning_rate'?" in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    assert fingerprint(repo) == before
 
 
 def test_killed_repro_recovers_on_the_next_run(repo: Path) -> None:
     set_params(repo, train__epochs=500)
-    process = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=repo,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    for line in process.stdout:
-        if line.startswith("epoch 2/"):
-            break
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
-    process.communicate(timeout=120)
-    assert process.returncode != 0
+    command = ["dvc", "repro"]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "start_new_session": True}
+    with started(command, cwd=repo, env=ENV, **popen) as process:
+        for line in process.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+        process.communicate(timeout=120)
+        assert process.returncode != 0
+    assert not [r for r in all_runs(repo) if r.info.status == "RUNNING"]
     set_params(repo, **QUICK)
     sh("dvc", "repro", cwd=repo, env=ENV)
     assert "Running stage" not in sh("dvc", "repro", cwd=repo, env=ENV).stdout
     assert sh("dvc", "status", cwd=repo, env=ENV).stdout.strip().endswith("up to date.")
+
+
+# --- the tracking store -----------------------------------------------------------------------------
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(repo: Path) -> None:
+    before = snapshot(repo)
+    uri = f"http://127.0.0.1:{free_port()}"
+    started_at = time.monotonic()
+    done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=ENV | {"MLFLOW_TRACKING_URI": uri}, timeout=120)
+    elapsed = time.monotonic() - started_at
+    assert done.returncode == 1
+    assert_failed_cleanly(repo, before, done.returncode, done.stderr, uri, "unreachable")
+    assert "epoch 1/" not in done.stderr, "must fail before training starts"
+    assert elapsed < 30  # seconds: interpreter and TensorFlow start-up, then one refused connection
+
+
+@contextmanager
+def broken_artifact_store(repo: Path) -> Iterator[None]:
+    """`mlartifacts/` replaced by a plain file: the database works, every artifact upload fails."""
+    folder = repo / "mlartifacts"
+    kept = repo.parent / "mlartifacts.kept"
+    folder.rename(kept)
+    try:
+        folder.write_text("not a folder\n")
+        yield
+    finally:
+        folder.unlink(missing_ok=True)
+        kept.rename(folder)
+
+
+def test_failing_artifact_store_while_recording_the_training(repo: Path) -> None:
+    before = snapshot(repo)
+    with broken_artifact_store(repo):
+        done = run(sys.executable, "-m", "pipeline.train", cwd=repo)
+    assert "epoch 2/" in done.stderr, "the store must fail in the middle of recording, after training"
+    new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "MLflow store")
+    assert [r.info.status for r in new] == ["FAILED"]
+
+
+def test_failing_artifact_store_while_recording_the_evaluation(repo: Path) -> None:
+    before = snapshot(repo)
+    with broken_artifact_store(repo):
+        done = run(sys.executable, "-m", "pipeline.evaluate", cwd=repo)
+    new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "MLflow store")
+    assert new == [], "evaluate records into the training's run, it starts none"
+
+
+# --- bad parameters ---------------------------------------------------------------------------------
+
+
+def test_bad_params_leave_everything_as_it_was(repo: Path) -> None:
+    before = snapshot(repo)
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("learning_rate: 0.01", "lerning_rate: 0.01"))
+    done = run("dvc", "repro", cwd=repo)
+    assert "Traceback" not in done.stdout
+    new = assert_failed_cleanly(
+        repo, before, done.returncode, done.stderr, "unknown key 'train.lerning_rate'; did you mean 'learning_rate'?"
+    )
+    assert new == [], "params are checked before any run starts"
+
+
+def test_batch_of_one_row_is_refused_by_the_schema(repo: Path) -> None:
+    set_params(repo, train__batch_size=1)
+    before = snapshot(repo)
+    done = run("dvc", "repro", cwd=repo)
+    assert "Traceback" not in done.stdout
+    new = assert_failed_cleanly(
+        repo, before, done.returncode, done.stderr, "train.batch_size", "batch normalization needs at least 2 rows"
+    )
+    assert new == [], "params are checked before any run starts"
+
+
+def test_diverging_training_saves_and_registers_nothing(repo: Path) -> None:
+    set_params(repo, train__learning_rate=100, model__hidden_units=[300, 100, 100, 100], train__epochs=2)
+    before = snapshot(repo)
+    done = run("dvc", "repro", cwd=repo)
+    assert "Traceback" not in done.stdout
+    new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "training diverged", "learning_rate")
+    assert [r.info.status for r in new] == ["FAILED"]
+
+
+def test_network_larger_than_memory_fails_before_training(repo: Path) -> None:
+    set_params(repo, model__hidden_units=[100_000, 100_000])
+    before = snapshot(repo)
+    started_at = time.monotonic()
+    done = run(sys.executable, "-m", "pipeline.train", cwd=repo, timeout=120)
+    elapsed = time.monotonic() - started_at
+    new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "needs about", "GB free")
+    assert "epoch 1/" not in done.stderr, "must fail before training starts"
+    assert elapsed < 30, f"{elapsed:.0f} s: the memory check must come before any training"
+    assert all(r.info.status == "FAILED" for r in new), [r.info.status for r in new]
+
+
+# --- a full disk: a real, small tmpfs ---------------------------------------------------------------
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted at `mountpoint` (skips the test where that is not possible)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    mountpoint.mkdir(parents=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"cannot mount a tmpfs here: {error}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=60, check=False)
+
+
+def outside_env(repo: Path, **extra: str) -> dict[str, str]:
+    """Run the clone's code from another folder, writing no bytecode there."""
+    return ENV | {"PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"} | extra
+
+
+def copy_into(repo: Path, root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, root / name)
+
+
+def sizes(root: Path, names: list[str]) -> int:
+    return sum((root / name).stat().st_size for name in names)
+
+
+def test_full_disk_while_preparing_keeps_the_old_splits(repo: Path, tmp_path: Path) -> None:
+    raw, prepared = stage_outputs(repo, "download"), stage_outputs(repo, "prepare")
+    # Room for the inputs and the old splits, plus half of the new ones: validation_size 10000 writes as
+    # many rows as 5000 (70,000 in all), so the new validation split fits and the new training split not.
+    size = sizes(repo, ["params.yaml", "dvc.yaml", *raw, *prepared]) + sizes(repo, prepared) // 2
+    with tmpfs(tmp_path / "disk", size) as root:
+        copy_into(repo, root, ["params.yaml", "dvc.yaml", *raw])
+        set_params(root, data__validation_size=5000)
+        sh(sys.executable, "-m", "pipeline.prepare", cwd=root, env=outside_env(repo))
+        assert fingerprint(root, prepared) == fingerprint(repo, prepared), "the old splits, made on the tmpfs"
+        set_params(root, data__validation_size=10_000)
+        before = snapshot(repo, root, [*raw, *prepared])
+        done = run(sys.executable, "-m", "pipeline.prepare", cwd=root, env=outside_env(repo))
+        line = error_line(done.stderr)
+        assert "validation: 10000 images" in done.stderr, "the new validation split was written, then the disk was full"
+        assert_failed_cleanly(
+            repo, before, done.returncode, done.stderr, "no space left", "data/prepared/", "needs about"
+        )
+        assert " MB" in line, line
+        assert not list((root / "data/prepared").glob(".*.tmp*"))
+
+
+def test_full_disk_while_training_keeps_the_old_outputs(repo: Path, tmp_path: Path) -> None:
+    outputs = [*stage_outputs(repo, "train"), *stage_outputs(repo, "evaluate"), "dvc.lock"]
+    model = (repo / "models/model.keras").stat().st_size
+    leave = min(300_000, model // 2)  # room for less than half a model
+    size = sizes(repo, ["params.yaml", "dvc.yaml", *outputs]) + 4 * MB
+    with tmpfs(tmp_path / "disk", size) as root:
+        copy_into(repo, root, ["params.yaml", "dvc.yaml", *outputs])
+        (root / "data").mkdir()
+        (root / "data/prepared").symlink_to(repo / "data/prepared")
+        with (root / "filler").open("wb") as filler:
+            remaining = shutil.disk_usage(root).free - leave
+            while remaining > 0:
+                remaining -= filler.write(bytes(min(remaining, 1 << 20)))
+        assert shutil.disk_usage(root).free < model // 2 + 8192
+        before = snapshot(repo, root, outputs)
+        # the store (SQLite and artifacts) is the clone's, outside the full disk
+        done = run(
+            sys.executable, "-m", "pipeline.train", cwd=root, env=outside_env(repo, MLFLOW_TRACKING_URI=store_uri(repo))
+        )
+        assert "epoch 2/" in done.stderr, "the disk must be full when the outputs are written, after training"
+        new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "no space left", "models/model.keras")
+        assert [r.info.status for r in new] == ["FAILED"]

@@ -1,0 +1,79 @@
+"""Outputs replaced as a set, never half-written; pickle-free arrays; clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import io
+from pipeline.errors import DataError
+
+
+def test_outputs_appear_together_when_the_block_succeeds(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.txt", tmp_path / "sub" / "b.json"
+    first.write_text("old")
+    with io.staged_outputs() as out:
+        out.write_text(first, "new")
+        out.write_json(second, {"b": 1, "a": 2})
+        assert first.read_text() == "old" and not second.exists()  # nothing replaced before the end
+    assert first.read_text() == "new"
+    assert second.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.json", "sub"]  # no temporary files
+    assert oct(second.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_failure_in_the_block_leaves_every_old_output(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("old a")
+    second.write_text("old b")
+    with pytest.raises(RuntimeError), io.staged_outputs() as out:
+        out.write_text(first, "new a")
+        raise RuntimeError("the MLflow store failed")
+    assert (first.read_text(), second.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_nan_is_refused_in_json_outputs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="JSON compliant"), io.staged_outputs() as out:
+        out.write_json(tmp_path / "metrics.json", {"loss": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_target_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "models").write_text("a file where a folder should be")
+    message = r"cannot write .*models/model\.keras .*check that its folder is writable"
+    with pytest.raises(DataError, match=message), io.staged_outputs() as out:
+        out.write_bytes(tmp_path / "models" / "model.keras", b"x")
+
+
+def test_split_round_trip_without_pickle(tmp_path: Path) -> None:
+    split = io.Split(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], np.int32))
+    with io.staged_outputs() as out:
+        out.save_split(tmp_path / "s.npz", split)
+    loaded = io.load_split(tmp_path / "s.npz")
+    np.testing.assert_array_equal(loaded.x, split.x)
+    assert loaded.y.dtype == np.int32
+
+
+def test_pickled_or_corrupt_arrays_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "pickled.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
+    with pytest.raises(DataError, match=r"corrupt .*dvc repro -f prepare"):
+        io.load_split(tmp_path / "pickled.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="corrupt"):
+        io.load_split(tmp_path / "broken.npz")
+    with pytest.raises(DataError, match=r"missing; run `dvc repro prepare`"):
+        io.load_split(tmp_path / "absent.npz")
+
+
+def test_read_json_explains_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"missing; run `dvc repro train`"):
+        io.read_json(tmp_path / "train.json", "train")
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"corrupt .*dvc repro -f train"):
+        io.read_json(tmp_path / "train.json", "train")
+    (tmp_path / "train.json").write_text(json.dumps({"a": 1}))
+    assert io.read_json(tmp_path / "train.json", "train") == {"a": 1}
