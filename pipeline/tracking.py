@@ -24,7 +24,18 @@ from pipeline.errors import Terminated, TrackingError
 EXPERIMENT = "mnist-batchnorm"
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
-_HEALTH_TIMEOUT = 5.0
+# A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
+# first query (it opens the database), which is no reason to call it unreachable.
+_PROBE_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+# Every MLflow tracking server answers this with a JSON object; `/health` would not do: any web server
+# may answer 200 there.
+PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+_NO_ANSWER = (  # (text in the error of `requests`, what the message says)
+    ("Connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("Failed to resolve", "unknown host name"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
+)
 _SQLITE_TIMEOUT = 60
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 
@@ -70,20 +81,66 @@ def artifact_location(uri: str) -> str | None:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail within seconds, before any training, if the tracking store cannot be used."""
+    """Fail within seconds, before any training, if the tracking store cannot be used.
+
+    A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
+    refuses us" each get their own message.
+    """
     if uri.startswith(("http://", "https://")):
-        try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT)
-            response.raise_for_status()
-        except requests.RequestException as error:
-            raise TrackingError(
-                f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
-                "start it, or unset MLFLOW_TRACKING_URI to use the local store."
-            ) from None
+        _probe_server(uri)
     elif (database := sqlite_path(uri)) and not database.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
+
+
+def _unanswered(error: Exception) -> str:
+    """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
+    cause = error.__cause__ or error.__context__ or error
+    text = str(cause)
+    for marker, reason in _NO_ANSWER:
+        if marker in text:
+            return reason
+    return type(cause).__name__ if isinstance(cause, requests.RequestException) else text.splitlines()[0][:200]
+
+
+def _probe_server(uri: str) -> None:
+    """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri), PROBE, "GET", max_retries=0, timeout=_PROBE_TIMEOUT, raise_on_status=False
+        )
+    except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} is unreachable ({_unanswered(error)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+        ) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    answered = f"HTTP {response.status_code} on {PROBE.split('?')[0]}"
+    if response.status_code == 200 and isinstance(body, dict) and set(body) <= {"experiments", "next_page_token"}:
+        return
+    if response.status_code in (401, 403):
+        raise TrackingError(
+            f"the server at {uri} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
+        )
+    if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
+        message = str(body.get("message", "")).splitlines()[:1]
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} answered with an error ({answered}: {body['error_code']}"
+            f"{': ' + message[0] if message else ''}); check the server and its log."
+        )
+    raise TrackingError(
+        f"the server at {uri} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+    )
 
 
 def connect() -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -45,9 +50,117 @@ def test_server_store_keeps_its_own_artifact_location() -> None:
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+    with pytest.raises(TrackingError) as raised:
         tracking.check_reachable(uri)
     assert time.monotonic() - started < 6
+    assert str(raised.value) == (
+        f"the MLflow tracking server at {uri} is unreachable (connection refused); "
+        "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+    )
+
+
+def test_server_that_never_answers_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port is open (the kernel completes the handshake) but nothing ever replies."""
+    monkeypatch.setattr(tracking, "_PROBE_TIMEOUT", (0.5, 0.5))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TrackingError, match=r"is unreachable \(timed out\); start it"):
+            tracking.check_reachable(uri)
+
+
+Reply = tuple[int, str, bytes]  # status, content type, body
+
+
+@pytest.fixture
+def web_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[str, dict[str, str]], Reply]], str]]:
+    """Start a plain `http.server` on 127.0.0.1 answering every GET with `reply(path, headers)`; its URL."""
+    for variable in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(reply: Callable[[str, dict[str, str]], Reply]) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = reply(self.path, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep pytest's output clean
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def healthy_but_not_mlflow(path: str, headers: dict[str, str]) -> Reply:
+    """Any web server: 200 on /health (which is why /health proves nothing), 404 elsewhere."""
+    return (200, "text/plain", b"OK") if path == "/health" else (404, "text/html", b"<h1>Not Found</h1>")
+
+
+def html_everywhere(path: str, headers: dict[str, str]) -> Reply:
+    """A single-page app or a proxy's login page: 200 and HTML for any path."""
+    return 200, "text/html", b"<html><body>Sign in</body></html>"
+
+
+@pytest.mark.parametrize(("reply", "status"), [(healthy_but_not_mlflow, 404), (html_everywhere, 200)])
+def test_web_server_that_is_not_mlflow_is_named_as_such(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str],
+    reply: Callable[[str, dict[str, str]], Reply],
+    status: int,
+) -> None:
+    uri = web_server(reply)
+    with pytest.raises(TrackingError) as raised:
+        tracking.check_reachable(uri)
+    assert str(raised.value) == (
+        f"the server at {uri} answered but is not an MLflow tracking server "
+        f"(HTTP {status} on /api/2.0/mlflow/experiments/search); check MLFLOW_TRACKING_URI."
+    )
+
+
+def test_server_refusing_access_asks_for_credentials_and_gets_mlflows(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe sends what MLflow's client sends (here MLFLOW_TRACKING_TOKEN), so a protected server passes."""
+
+    def protected(path: str, headers: dict[str, str]) -> Reply:
+        if headers.get("Authorization") != "Bearer s3cret":
+            return 401, "application/json", b'{"error_code": "UNAUTHENTICATED", "message": "log in"}'
+        assert path == "/api/2.0/mlflow/experiments/search?max_results=1"
+        return 200, "application/json", json.dumps({"experiments": [{"experiment_id": "0"}]}).encode()
+
+    uri = web_server(protected)
+    with pytest.raises(TrackingError, match=r"refused access \(HTTP 401 on .*MLFLOW_TRACKING_TOKEN"):
+        tracking.check_reachable(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    tracking.check_reachable(uri)
+
+
+def test_mlflow_server_with_an_error_is_not_called_unreachable(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str],
+) -> None:
+    """MLflow's JSON error body (a broken backend database, say) means MLflow answered."""
+    body = {"error_code": "INTERNAL_ERROR", "message": "(sqlite3.OperationalError) no such table: experiments\nSQL"}
+    uri = web_server(lambda path, headers: (500, "application/json", json.dumps(body).encode()))
+    with pytest.raises(TrackingError) as raised:
+        tracking.check_reachable(uri)
+    assert str(raised.value) == (
+        f"the MLflow tracking server at {uri} answered with an error (HTTP 500 on "
+        "/api/2.0/mlflow/experiments/search: INTERNAL_ERROR: (sqlite3.OperationalError) no such table: "
+        "experiments); check the server and its log."
+    )
 
 
 def test_missing_database_folder_is_reported(tmp_path: Path) -> None:
