@@ -9,7 +9,9 @@ beside it, both found by absolute path: DVC runs `--temp` and queued experiments
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,6 +22,8 @@ import requests
 from filelock import FileLock
 
 from pipeline.errors import Terminated, TrackingError
+
+log = logging.getLogger("pipeline.tracking")
 
 EXPERIMENT = "mnist-batchnorm"
 REGISTERED_MODEL = "mnist-bn-mlp"
@@ -37,6 +41,9 @@ _NO_ANSWER = (  # (text in the error of `requests`, what the message says)
     ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
 )
 _SQLITE_TIMEOUT = 60
+# Tags naming the process that holds a run RUNNING, so a later run can tell one whose process was
+# killed (kill -9, OOM killer, power loss) from one still training.
+HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 
 # Fail fast against a server that is down instead of MLflow's default minutes of retries.
@@ -166,13 +173,89 @@ def connect() -> str:
             raise TrackingError(f"the MLflow store {uri} is unusable ({reason}); check MLFLOW_TRACKING_URI.") from None
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
+    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
+
+
+def process_tags() -> dict[str, str]:
+    """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    if start := _process_start(os.getpid()):
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is None or (start is not None and now != start)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
+
+
+def end_orphaned_runs(client: Any | None, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose process, on this host, no longer exists.
+
+    A process killed with SIGKILL cannot end its run, which would otherwise stay RUNNING forever. Runs
+    tagged by another host, or without the process tags (older runs), are left alone: their process may
+    be alive where we cannot see it. Returns the ids of the runs it ended.
+    """
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{host}'"
+    ended: list[str] = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
+        for found in page:
+            tags = found.data.tags
+            pid = tags.get(PID_TAG, "")
+            if not pid.isdigit() or not _process_gone(int(pid), tags.get(PID_START_TAG)):
+                continue
+            client.set_terminated(found.info.run_id, "KILLED")
+            ended.append(found.info.run_id)
+            log.info(
+                "MLflow run %s was left RUNNING by process %s on %s, which no longer exists; marked KILLED",
+                found.info.run_id,
+                pid,
+                host,
+            )
+        page_token = page.token
+        if not page_token:
+            return ended
+
+
 @contextmanager
 def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """Start (or resume, with `run_id`) a run that never stays RUNNING: KILLED on Ctrl-C/SIGTERM, FAILED on error."""
+    """Start (or resume, with `run_id`) a run that never stays RUNNING: KILLED on Ctrl-C/SIGTERM, FAILED on
+    error, and, if this process is killed outright, KILLED by the next run on this host (`end_orphaned_runs`).
+    """
     import mlflow
+    from mlflow.entities import RunTag
 
     experiment_id = connect()
-    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, **start_kwargs)
+    end_orphaned_runs(None, experiment_id)
+    tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
+    if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
+        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
+    )
     try:
         yield active
     except (KeyboardInterrupt, Terminated):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from workspace import free_port
+from workspace import REPO, free_port
 
 from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
@@ -231,3 +236,78 @@ def test_champion_alias_moves_only_to_a_better_version(store: str, tmp_path: Pat
         champions.append(str(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION).version))
     assert champions == ["1", "1", "3", "3"]  # a worse or equal version does not take the alias
     assert client.get_model_version(tracking.REGISTERED_MODEL, "2").tags["test_accuracy"] == "0.850000"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped: nothing has it now (pids are not reused at once)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def running_run(client: mlflow.MlflowClient, experiment_id: str, **tags: str) -> str:
+    """A RUNNING run with these tags, as a training process leaves it when it dies without ending it."""
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
+def test_runs_of_dead_processes_on_this_host_are_marked_killed(store: str, caplog: pytest.LogCaptureFixture) -> None:
+    experiment_id = tracking.connect()
+    client = mlflow.MlflowClient()
+    here, me = socket.gethostname(), tracking.process_tags()
+    gone = dead_pid()
+    dead = running_run(client, experiment_id, host=here, pid=str(gone))
+    reused = running_run(client, experiment_id, host=here, pid=me["pid"], pid_start="1")  # same pid, older process
+    alive = running_run(client, experiment_id, **me)
+    elsewhere = running_run(client, experiment_id, host=f"not-{here}", pid=str(gone))
+    untagged = running_run(client, experiment_id)
+    with caplog.at_level(logging.INFO, logger="pipeline.tracking"):
+        ended = tracking.end_orphaned_runs(client, experiment_id)
+    assert sorted(ended) == sorted([dead, reused])
+    assert {run: run_status(run) for run in (dead, reused, alive, elsewhere, untagged)} == {
+        dead: "KILLED",
+        reused: "KILLED",
+        alive: "RUNNING",
+        elsewhere: "RUNNING",
+        untagged: "RUNNING",
+    }
+    assert mlflow.get_run(dead).info.end_time is not None
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "pipeline.tracking") == sorted(
+        f"MLflow run {run} was left RUNNING by process {pid} on {here}, which no longer exists; marked KILLED"
+        for run, pid in ((dead, gone), (reused, me["pid"]))
+    )
+    assert tracking.end_orphaned_runs(None, experiment_id) == []  # KILLED runs are not RUNNING any more
+
+
+def test_every_run_names_its_process_also_when_resumed(store: str) -> None:
+    with tracking.run(tags={"params_md5": "x"}) as active:
+        tags = mlflow.get_run(active.info.run_id).data.tags
+    assert tags["params_md5"] == "x"
+    assert {key: tags[key] for key in ("host", "pid", "pid_start")} == tracking.process_tags()
+    assert tags["pid"] == str(os.getpid())
+    # evaluate resumes the run that train (another process, now ended) left FINISHED: the run is ours now
+    mlflow.MlflowClient().set_tag(active.info.run_id, "pid", str(dead_pid()))
+    with tracking.resume(active.info.run_id):
+        assert mlflow.get_run(active.info.run_id).data.tags["pid"] == str(os.getpid())
+        assert tracking.end_orphaned_runs(None, active.info.experiment_id) == []
+    assert run_status(active.info.run_id) == "FINISHED"
+
+
+def test_run_killed_with_sigkill_is_ended_by_the_next_run(store: str) -> None:
+    """A real training process killed with kill -9 leaves its run RUNNING; the next `tracking.run` ends it."""
+    tracking.connect()  # this process reads the test's store too
+    script = (
+        "import time\nfrom pipeline import tracking\n"
+        "with tracking.run() as active:\n    print(active.info.run_id, flush=True)\n    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = child.stdout.readline().strip()  # the run exists and is RUNNING
+        assert run_status(orphan) == "RUNNING"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert run_status(orphan) == "RUNNING", "SIGKILL leaves no chance to end the run"
+    with tracking.run() as active:
+        assert run_status(orphan) == "KILLED"
+    assert run_status(active.info.run_id) == "FINISHED"
