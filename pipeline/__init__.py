@@ -7,7 +7,9 @@ small shared helpers in `io`, `errors` and `plots`.
 
 import os
 
-# Set before any stage imports TensorFlow: Keras runs on TensorFlow, and TF's C++ start-up chatter
-# (oneDNN, CUDA probing) is hidden so that real warnings stand out. Users can still override both.
+# Set before any stage imports TensorFlow or MLflow: Keras runs on TensorFlow, and the libraries' INFO
+# chatter is hidden so that real warnings stand out (PIPELINE_VERBOSE=1 shows it; see pipeline.quiet).
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PIPELINE_VERBOSE", "") in ("", "0"):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from pipeline import io
+from pipeline import io, quiet
 from pipeline.config import CHECKSUMS_FILE, MNIST_FILES, RAW_DIR, DownloadParams, load_params
 from pipeline.errors import DataError, run_stage
 
@@ -185,7 +185,7 @@ def _download_one(fetcher: Fetcher, name: str, sha256: str, out_dir: Path, out: 
 def main() -> None:
     """Read `download` from params.yaml and fetch the four files into data/raw/."""
     params = load_params()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.configure_logging()
     download_all(params.download)
 
 

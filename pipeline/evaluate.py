@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import io
+from pipeline import io, quiet
 from pipeline.config import (
     CONFUSION_FILE,
     CONFUSION_PNG,
@@ -103,8 +103,8 @@ def evaluate() -> dict[str, float]:
         for path, content in files.items():
             out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
         out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
-        mlflow.set_tags(tracking.data_tags({"test": test_file}))
-        tracking.log_datasets({"test": test}, context="evaluation")
+        mlflow.set_tags(tags := tracking.data_tags({"test": test_file}))
+        tracking.log_datasets({"test": test}, "evaluation", {"test": tags["data_md5.test"]})
         mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
         mlflow.log_text(result["report_text"], "evaluation/classification_report.txt")
         tracking.log_files({CONFUSION_PNG: files[CONFUSION_PNG], MISTAKES_PNG: files[MISTAKES_PNG]})
@@ -116,7 +116,7 @@ def evaluate() -> dict[str, float]:
 def main() -> None:
     """Validate params.yaml (evaluate reads none of it) and evaluate the trained model."""
     load_params()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.configure_logging()
     evaluate()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.errors import DivergedError
-from pipeline.io import Split
+from pipeline.io import ALIGNMENT, Split
 
 if TYPE_CHECKING:
     import keras
@@ -136,8 +136,8 @@ class Trainer:
             self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # validation reports the plain cross-entropy, comparable across label_smoothing values
         self.val_loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self.x, self.y = tf.constant(train.x), tf.constant(train.y)
-        self.x_val, self.y_val = tf.constant(validation.x), tf.constant(validation.y)
+        self.x, self.y = as_tensor(train.x), as_tensor(train.y)
+        self.x_val, self.y_val = as_tensor(validation.x), as_tensor(validation.y)
         self.rng = np.random.default_rng(params.seed)
         permutation = tf.TensorSpec((self.n,), tf.int32)
         self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=[permutation])
@@ -195,6 +195,20 @@ class Trainer:
         train_loss, train_accuracy = self._epoch(permutation)
         val_loss, val_accuracy = self._validate()
         return EpochResult(epoch, float(train_loss), float(train_accuracy), float(val_loss), float(val_accuracy))
+
+
+def as_tensor(array: np.ndarray) -> Any:
+    """A constant tensor of `array`, sharing its memory when it is aligned as TensorFlow requires (as
+    `io.load_split` makes it) instead of copying it: the training images alone are 172 MB. The array
+    is made read-only, since the tensor sees every change to it."""
+    import tensorflow as tf
+
+    # numpy exports only writable arrays; one already shared (a second `fit` on the same data) is copied
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0 and array.size:
+        tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        array.flags.writeable = False
+        return tensor
+    return tf.constant(array)
 
 
 def _correct(logits: Any, labels: Any) -> Any:

@@ -9,7 +9,9 @@ The default model is the registry's champion, `models:/mnist-bn-mlp@champion`, i
 pipeline uses (`pipeline.tracking`: `MLFLOW_TRACKING_URI`, else `mlflow.db` at the repository root).
 `--model` takes any MLflow model URI, or a `.keras` file such as `models/model.keras` (which outputs
 logits, so its softmax is taken). One tab-separated line per image, `file digit probability`, so
-scripts can cut or sort the output.
+scripts can cut or sort the output. A file that cannot be used (missing, not an image, blank, larger than
+`MAX_PIXELS`) gets one `error:` line on stderr and the others are still classified; the exit code is 1
+if any file failed.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tracking
 from pipeline.errors import DataError, PipelineError, TrackingError, run_stage
@@ -34,8 +38,13 @@ CENTRE = 14  # the row and column of the centre of mass of MNIST digits
 BOX = 20  # MNIST scales each digit to fit 20x20, leaving a 4 px margin for the centre-of-mass shift
 MIN_CONTRAST = 32  # grey levels between paper and ink below which we call the image blank
 INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper noise) for the crop
+# Larger images are refused before their pixels are decoded. 40 MP holds any phone photo at its default
+# resolution (12-24 MP) and bounds the float32 copies `to_mnist` makes (about 1 GB for RGBA at the limit);
+# it also stays below Pillow's own decompression-bomb threshold (89.5 MP), whose warning would reach stderr.
+MAX_PIXELS = 40_000_000
 
 Classifier = Callable[[np.ndarray], np.ndarray]
+Prediction = tuple[Path, int, float]
 
 
 class UsageError(PipelineError):
@@ -75,23 +84,60 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return canvas.reshape(-1)
 
 
+@contextmanager
+def _header_only() -> Iterator[None]:
+    """Pillow's bomb check, off while `Image.open` reads a header, so that `open_image` sees every size.
+
+    `Image.open` itself warns (on stderr) above `Image.MAX_IMAGE_PIXELS` and raises above twice that, before
+    the caller could read the size and say what is wrong; `open_image` applies the stricter `MAX_PIXELS`.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open a file reading only its header; refuse it, pixels still undecoded, if it exceeds MAX_PIXELS."""
+    with _header_only():
+        image = Image.open(path)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise DataError(
+            f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the limit of "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels (MAX_PIXELS in pipeline/predict.py); "
+            "scale it down or crop it to the digit."
+        )
+    return image
+
+
 def load_image(path: Path) -> np.ndarray:
     """Read and preprocess one file; every way it can fail is a DataError that names the file."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image, warnings.catch_warnings():
+            # a bomb hidden past the header (a frame or tile larger than the image): an error, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
-            return to_mnist(image)
+            try:
+                return to_mnist(image)
+            except DataError as error:
+                raise DataError(f"{path}: {error}; pass an image of one digit.") from None
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; check the file name.") from None
-    except (OSError, Image.DecompressionBombError) as error:  # not an image, truncated, a folder, unreadable
-        reason = "not an image Pillow can read" if isinstance(error, Image.UnidentifiedImageError) else str(error)
+    # not an image, truncated, a folder, unreadable, a frame or tile beyond Pillow's bomb limits
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        reason = "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else str(error)
         raise DataError(f"{path} cannot be read ({reason}); pass a PNG or JPEG image of one digit.") from None
-    except DataError as error:
-        raise DataError(f"{path}: {error}; pass an image of one digit.") from None
 
 
 def _quiet_keras() -> None:
-    """Keras' progress bars would mix into the results on stdout."""
+    """TensorFlow's start-up noise filtered; Keras' progress bars would mix into the results on stdout."""
+    from pipeline import quiet
+
+    quiet.import_tensorflow()
     import keras
 
     keras.utils.disable_interactive_logging()
@@ -101,7 +147,7 @@ def load_keras(path: Path) -> Classifier:
     """A `.keras` file as the pipeline saves it (logits out), loaded as `evaluate` loads it."""
     from pipeline import model
 
-    network = model.load(path)
+    network = model.load(path)  # a wrong path fails before TensorFlow's start-up
     _quiet_keras()
     return lambda x: model.probabilities(network, x)
 
@@ -120,6 +166,7 @@ def load_mlflow(uri: str) -> Classifier:
         )
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
+    _quiet_keras()
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
@@ -129,7 +176,6 @@ def load_mlflow(uri: str) -> Classifier:
             f"cannot load the model {uri} from {store} ({reason}); run `dvc repro` to train and register one, "
             "or pass --model with another URI or a .keras file."
         ) from None
-    _quiet_keras()
     return lambda x: np.asarray(model.predict(x), dtype=np.float64)
 
 
@@ -138,13 +184,37 @@ def load_model(uri: str) -> Classifier:
     return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
 
 
-def classify(paths: Sequence[Path], model_uri: str = DEFAULT_MODEL) -> list[tuple[Path, int, float]]:
-    """`(file, digit, probability)` per image. Images are read first: a bad file fails before the slow model load."""
-    pixels = np.stack([load_image(path) for path in paths])
-    probabilities = load_model(model_uri)(pixels)
-    if probabilities.shape != (len(paths), 10):
+def classify(
+    paths: Sequence[Path], model_uri: str = DEFAULT_MODEL, on_error: Callable[[DataError], None] | None = None
+) -> list[Prediction]:
+    """`(file, digit, probability)` per image, in the order given.
+
+    Every file is read before the slow model load. A file that cannot be used raises its DataError, or,
+    given `on_error`, is passed to it and left out of the results (so one bad file among many does not
+    cost the others their answers). The model is loaded only if at least one image was read.
+    """
+    readable: list[Path] = []
+    images: list[np.ndarray] = []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+        except DataError as error:
+            if on_error is None:
+                raise
+            on_error(error)
+        else:
+            readable.append(path)
+    if not readable:
+        return []
+    probabilities = load_model(model_uri)(np.stack(images))
+    if probabilities.shape != (len(readable), 10):
         raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
-    return [(path, int(row.argmax()), float(row.max())) for path, row in zip(paths, probabilities, strict=True)]
+    return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
+
+
+def report(error: PipelineError) -> None:
+    """One `error:` line on stderr, as `run_stage` prints the error that ends a stage."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +224,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line and print `file<TAB>digit<TAB>probability` for each image."""
+    """Parse the command line and print `file<TAB>digit<TAB>probability` for each image it can classify;
+    exit 1 after one `error:` line per file it cannot."""
     parser = _Parser(prog="mnist-predict", description="Classify images of handwritten digits.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, one digit each")
     parser.add_argument(
@@ -164,8 +235,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"an MLflow model URI (runs:/..., models:/...) or a .keras file (default: {DEFAULT_MODEL})",
     )
     args = parser.parse_args(argv)
-    for path, digit, probability in classify(args.images, args.model):
+    failed: list[DataError] = []
+
+    def skip(error: DataError) -> None:
+        report(error)  # at once: the model load that follows may take seconds
+        failed.append(error)
+
+    for path, digit, probability in classify(args.images, args.model, on_error=skip):
         print(f"{path}\t{digit}\t{probability:.4f}")
+    if failed:
+        sys.exit(1)  # each failure has had its line
 
 
 def run() -> None:

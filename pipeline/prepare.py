@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io
+from pipeline import io, quiet
 from pipeline.config import PREPARED_DIR, RAW_DIR, load_params
 from pipeline.errors import DataError, run_stage
 
@@ -82,7 +82,7 @@ def prepare(raw_dir: Path, out_dir: Path, validation_size: int) -> dict[str, int
 def main() -> None:
     """Read `data` from params.yaml and write data/prepared/{train,validation,test}.npz."""
     params = load_params()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.configure_logging()
     prepare(RAW_DIR, PREPARED_DIR, params.data.validation_size)
 
 

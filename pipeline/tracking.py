@@ -8,14 +8,18 @@ beside it, both found by absolute path: DVC runs `--temp` and queued experiments
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,27 @@ from filelock import FileLock
 
 from pipeline.errors import Terminated, TrackingError
 
+log = logging.getLogger("pipeline.tracking")
+
 EXPERIMENT = "mnist-batchnorm"
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
-_HEALTH_TIMEOUT = 5.0
+# A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
+# first query (it opens the database), which is no reason to call it unreachable.
+_PROBE_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+# Every MLflow tracking server answers this with a JSON object; `/health` would not do: any web server
+# may answer 200 there.
+PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+_NO_ANSWER = (  # (text in the error of `requests`, what the message says)
+    ("Connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("Failed to resolve", "unknown host name"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
+)
 _SQLITE_TIMEOUT = 60
+# Tags naming the process that holds a run RUNNING, so a later run can tell one whose process was
+# killed (kill -9, OOM killer, power loss) from one still training.
+HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 
 # Fail fast against a server that is down instead of MLflow's default minutes of retries.
@@ -74,20 +94,66 @@ def artifact_location(uri: str) -> str | None:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail within seconds, before any training, if the tracking store cannot be used."""
+    """Fail within seconds, before any training, if the tracking store cannot be used.
+
+    A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
+    refuses us" each get their own message.
+    """
     if uri.startswith(("http://", "https://")):
-        try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT)
-            response.raise_for_status()
-        except requests.RequestException as error:
-            raise TrackingError(
-                f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
-                "start it, or unset MLFLOW_TRACKING_URI to use the local store."
-            ) from None
+        _probe_server(uri)
     elif (database := sqlite_path(uri)) and not database.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
+
+
+def _unanswered(error: Exception) -> str:
+    """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
+    cause = error.__cause__ or error.__context__ or error
+    text = str(cause)
+    for marker, reason in _NO_ANSWER:
+        if marker in text:
+            return reason
+    return type(cause).__name__ if isinstance(cause, requests.RequestException) else text.splitlines()[0][:200]
+
+
+def _probe_server(uri: str) -> None:
+    """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri), PROBE, "GET", max_retries=0, timeout=_PROBE_TIMEOUT, raise_on_status=False
+        )
+    except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} is unreachable ({_unanswered(error)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+        ) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    answered = f"HTTP {response.status_code} on {PROBE.split('?')[0]}"
+    if response.status_code == 200 and isinstance(body, dict) and set(body) <= {"experiments", "next_page_token"}:
+        return
+    if response.status_code in (401, 403):
+        raise TrackingError(
+            f"the server at {uri} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
+        )
+    if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
+        message = str(body.get("message", "")).splitlines()[:1]
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} answered with an error ({answered}: {body['error_code']}"
+            f"{': ' + message[0] if message else ''}); check the server and its log."
+        )
+    raise TrackingError(
+        f"the server at {uri} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+    )
 
 
 def connect() -> str:
@@ -113,15 +179,90 @@ def connect() -> str:
             raise TrackingError(f"the MLflow store {uri} is unusable ({reason}); check MLFLOW_TRACKING_URI.") from None
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
+    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
+
+
+def process_tags() -> dict[str, str]:
+    """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    if start := _process_start(os.getpid()):
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is None or (start is not None and now != start)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
+
+
+def end_orphaned_runs(client: Any | None, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose process, on this host, no longer exists.
+
+    A process killed with SIGKILL cannot end its run, which would otherwise stay RUNNING forever. Runs
+    tagged by another host, or without the process tags (older runs), are left alone: their process may
+    be alive where we cannot see it. Returns the ids of the runs it ended.
+    """
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{host}'"
+    ended: list[str] = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
+        for found in page:
+            tags = found.data.tags
+            pid = tags.get(PID_TAG, "")
+            if not pid.isdigit() or not _process_gone(int(pid), tags.get(PID_START_TAG)):
+                continue
+            client.set_terminated(found.info.run_id, "KILLED")
+            ended.append(found.info.run_id)
+            log.info(
+                "MLflow run %s was left RUNNING by process %s on %s, which no longer exists; marked KILLED",
+                found.info.run_id,
+                pid,
+                host,
+            )
+        page_token = page.token
+        if not page_token:
+            return ended
+
+
 @contextmanager
 def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
-    """Start (or resume, with `run_id`) a run and yield its id; it never stays RUNNING: KILLED on
-    Ctrl-C/SIGTERM, FAILED on error."""
+    """Start (or resume, with `run_id`) a run and yield its id. It never stays RUNNING: KILLED on
+    Ctrl-C/SIGTERM, FAILED on error, and, if this process is killed outright, KILLED by the next run on
+    this host (`end_orphaned_runs`)."""
     import mlflow
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     experiment_id = connect()
-    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, **start_kwargs)
+    end_orphaned_runs(None, experiment_id)
+    tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
+    if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
+        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
+    )
     try:
         yield active.info.run_id
     except (KeyboardInterrupt, Terminated):
@@ -219,15 +360,15 @@ def _version_of(run_id: str) -> Any | None:
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def promote_if_better(run_id: str, val_accuracy: float) -> None:
+def promote_if_better(run_id: str, val_accuracy: float) -> bool:
     """Tag the run's model version with its validation accuracy, and move the `champion` alias to it
-    only if it is strictly better than the champion's. The test set never chooses."""
+    only if it is strictly better than the champion's (the test set never chooses); say if it moved."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     version = _version_of(run_id)
     if version is None:
-        return
+        return False
     client = MlflowClient()
     client.set_model_version_tag(REGISTERED_MODEL, version.version, "val_accuracy", f"{val_accuracy:.6f}")
     try:
@@ -235,8 +376,10 @@ def promote_if_better(run_id: str, val_accuracy: float) -> None:
         best = float(champion.tags.get("val_accuracy", "-1"))
     except MlflowException:  # no champion yet
         best = -1.0
-    if val_accuracy > best:
-        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+    if val_accuracy <= best:
+        return False
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+    return True
 
 
 def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
@@ -284,38 +427,42 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
     return tags
 
 
-def log_datasets(splits: dict[str, Any], context: str) -> None:
-    """Record each split (an `io.Split`) as an MLflow dataset input, with its digest, of the active run."""
+def log_datasets(splits: dict[str, Any], context: str, digests: dict[str, str]) -> None:
+    """Record each split (an `io.Split`) as an MLflow dataset input of the active run. Its digest is the
+    MD5 of its file, as in dvc.lock (`data_tags`), instead of MLflow's hash of a copy of the arrays."""
     import mlflow
     from mlflow.data.numpy_dataset import from_numpy
 
     for name, split in splits.items():
-        dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}")
+        dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}", digest=digests[name])
         mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
 
 
-def log_model(run_id: str, model: Any, example: Any, val_accuracy: float) -> None:
-    """Log the model with a softmax head (it serves class probabilities), a signature and an example,
-    register it as a new version of `mnist-bn-mlp`, and make it the champion if it is the best."""
+def log_model(model: Any, example: Any) -> str:
+    """Log the model with a softmax head (it serves class probabilities), a signature and an example into
+    the active run, and register it as a new version of `mnist-bn-mlp`; return the version."""
     import keras
     import mlflow
     import tensorflow as tf
     from mlflow.models import infer_signature
 
     from pipeline.model import with_softmax
+    from pipeline.quiet import filtered_stderr
 
-    keras.utils.disable_interactive_logging()  # no predict() progress bars from MLflow's checks
     served = with_softmax(model)
     signature = infer_signature(example, served(example).numpy())
-    # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
-    # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
-    mlflow.tensorflow.log_model(
-        served,
-        name="model",
-        signature=signature,
-        input_example=example,
-        registered_model_name=REGISTERED_MODEL,
-        # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
-    )
-    promote_if_better(run_id, val_accuracy)
+    # MLflow checks the input example by reloading the model and predicting it: Keras' progress bar (on
+    # stdout) and TensorFlow's C++ log lines of that check are noise, and so is the registry's chatter.
+    with contextlib.redirect_stdout(StringIO()), filtered_stderr():
+        # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
+        # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
+        info = mlflow.tensorflow.log_model(
+            served,
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=REGISTERED_MODEL,
+            # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
+            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+        )
+    return str(info.registered_model_version)

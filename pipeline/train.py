@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from pipeline import io
+from pipeline import io, quiet
 from pipeline.config import (
     CURVES_FILE,
     HISTORY_FILE,
@@ -75,15 +75,17 @@ def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
 
 def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
+    quiet.import_tensorflow()  # first, so that its start-up noise is filtered
     from pipeline import model, plots, tracking
 
     data_files = {split: prepared_file(split) for split in ("train", "validation")}
     train_set, validation = (io.load_split(path) for path in data_files.values())
     tags = tracking.lineage_tags(PARAMS_FILE, data_files)
+    digests = {split: tags[f"data_md5.{split}"] for split in data_files}
 
     with tracking.run(run_name=tracking.dvc_experiment(), tags=tags) as run_id, io.staged_outputs() as out:
         tracking.log_params(params.flat())
-        tracking.log_datasets({"train": train_set, "validation": validation}, context="training")
+        tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
         with progress(params.train.epochs) as report:
             fitted = fit(params.model, params.train, train_set, validation, on_epoch=report)
         log.info(
@@ -100,14 +102,21 @@ def train(params: Params) -> Fitted:
         out.write_text(HISTORY_FILE, curves)
         out.write_json(TRAIN_METRICS, summary(fitted, run_id))
         tracking.log_training(run_id, fitted.history, fitted.train_seconds, {CURVES_FILE: figure, HISTORY_FILE: curves})
-        tracking.log_model(run_id, fitted.model, validation.x[:5], fitted.history[-1].val_accuracy)
+        version = tracking.log_model(fitted.model, validation.x[:5])
+        champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
+        log.info(
+            "registered as version %s of %s%s",
+            version,
+            tracking.REGISTERED_MODEL,
+            f", the new @{tracking.CHAMPION} (best validation accuracy so far)" if champion else "",
+        )
     return fitted
 
 
 def main() -> None:
     """Read `model` and `train` from params.yaml and train."""
     params = load_params()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.configure_logging()
     train(params)
 
 

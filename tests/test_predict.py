@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,40 @@ def test_unreadable_inputs_are_data_errors_naming_the_file(tmp_path: Path) -> No
         assert str(tmp_path / name) in str(raised.value)
 
 
+def blank_png(path: Path, width: int, height: int) -> Path:
+    """A huge PNG that is small on disk: one bit per pixel, all black, compresses about 1000:1."""
+    Image.new("1", (width, height)).save(path)
+    return path
+
+
+def test_huge_image_is_refused_from_its_header_without_a_warning(tmp_path: Path) -> None:
+    """12000x12000 is above Pillow's warning threshold; the file holds only the header and the start of the
+    pixel data, so decoding would fail with "truncated": the size error proves nothing was decoded."""
+    data = blank_png(tmp_path / "full.png", 12000, 12000).read_bytes()
+    header_only = tmp_path / "header-only.png"
+    header_only.write_bytes(data[: data.index(b"IDAT") + 14])
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DataError) as raised:
+        warnings.simplefilter("always")
+        predict.load_image(header_only)
+    assert str(raised.value) == (
+        f"{header_only} is 12000x12000 pixels (144 megapixels), above the limit of 40 megapixels "
+        "(MAX_PIXELS in pipeline/predict.py); scale it down or crop it to the digit."
+    )
+    assert [str(w.message) for w in caught] == []
+    assert limit == Image.MAX_IMAGE_PIXELS, "Pillow's own guard must be back in place"
+
+
+def test_pixel_limit_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(predict, "MAX_PIXELS", 40 * 40)
+    assert predict.load_image(write_one(tmp_path / "at-limit.png")).shape == (784,)  # 40x40
+    over = Image.new("L", (41, 40))
+    over.paste(255, (18, 5, 22, 35))
+    over.save(tmp_path / "over.png")
+    with pytest.raises(DataError, match=r"41x40 pixels"):
+        predict.load_image(tmp_path / "over.png")
+
+
 @pytest.fixture(scope="module")
 def cli_env() -> dict[str, str]:
     return venv_env()
@@ -155,6 +190,50 @@ def write_one(path: Path) -> Path:
     page[5:35, 18:22] = 255
     Image.fromarray(page).save(path)
     return path
+
+
+def error_lines(done: subprocess.CompletedProcess[str], model_ran: bool = False) -> list[str]:
+    """The `error:` lines of stderr, after checking it holds no Python warning and no traceback.
+
+    Without a model, stderr must hold nothing else. Once TensorFlow has run, its C++ start-up lines
+    (absl's "WARNING: All log messages before absl::InitializeLog()", CUDA probing on a machine without
+    a GPU) may precede them, as tests/test_failures.py allows for training.
+    """
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert model_ran or errors == lines, done.stderr
+    return errors
+
+
+def too_large(path: Path, width: int, height: int) -> str:
+    return (
+        f"error: {path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the limit of "
+        "40 megapixels (MAX_PIXELS in pipeline/predict.py); scale it down or crop it to the digit."
+    )
+
+
+def test_cli_refuses_huge_images_without_warnings_or_loading_the_model(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Above the limit but below Pillow's warning (49 MP), above its warning (144 MP), above its error (196 MP).
+    Every file is bad, so the model is not even looked for: the missing --model file is never reported."""
+    sizes = [(7000, 7000), (12000, 12000), (14000, 14000)]
+    files = [blank_png(tmp_path / f"{w}x{h}.png", w, h) for w, h in sizes]
+    done = cli(*files, "--model", tmp_path / "none.keras", env=cli_env)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert error_lines(done) == [too_large(f, w, h) for f, (w, h) in zip(files, sizes, strict=True)]
+
+
+def test_cli_bad_files_before_a_model_that_fails(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """A readable image makes the model load; its failure is one more line after the bad file's."""
+    good = write_one(tmp_path / "digit.png")
+    done = cli(tmp_path / "nope.png", good, "--model", tmp_path / "none.keras", env=cli_env)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = error_lines(done)
+    assert len(lines) == 2, lines
+    assert lines[0] == f"error: {tmp_path / 'nope.png'} does not exist; check the file name."
+    assert "none.keras does not exist" in lines[1]
 
 
 def test_cli_missing_file_and_bad_command_line(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -216,3 +295,45 @@ def test_cli_classifies_real_digits_in_both_polarities(
     predicted = np.array([int(digit) for _, digit, _ in rows]).reshape(10, 2)
     for column in (0, 1):  # white on black, black on white
         assert (predicted[:, column] == labels).sum() >= 8, predicted[:, column]
+
+
+def test_cli_classifies_the_good_files_and_reports_each_bad_one(
+    trained_model: Path, test_digits: tuple[np.ndarray, np.ndarray], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    images, labels = test_digits
+    seven, two = (enlarge(images[i]) for i in (0, 1))
+    seven.save(tmp_path / "seven.png")
+    two.save(tmp_path / "two.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    blank_png(tmp_path / "huge.png", 12000, 12000)
+    names = ["seven.png", "missing.png", "two.png", "notes.png", "huge.png"]
+    done = cli(*(tmp_path / name for name in names), "--model", trained_model, env=cli_env)
+    assert done.returncode == 1
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [row[0] for row in rows] == [str(tmp_path / "seven.png"), str(tmp_path / "two.png")]
+    assert [int(row[1]) for row in rows] == [labels[0], labels[1]] == [7, 2]
+    assert error_lines(done, model_ran=True) == [
+        f"error: {tmp_path / 'missing.png'} does not exist; check the file name.",
+        f"error: {tmp_path / 'notes.png'} cannot be read (not an image Pillow can read); "
+        "pass a PNG or JPEG image of one digit.",
+        too_large(tmp_path / "huge.png", 12000, 12000),
+    ]
+
+
+def test_cli_one_good_one_bad(trained_model: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    good = write_one(tmp_path / "one.png")
+    done = cli(good, tmp_path / "nope.png", "--model", trained_model, env=cli_env)
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[0].startswith(f"{good}\t") and len(done.stdout.splitlines()) == 1
+    assert error_lines(done, model_ran=True) == [f"error: {tmp_path / 'nope.png'} does not exist; check the file name."]
+
+
+def test_classify_raises_without_on_error_and_collects_with_it(trained_model: Path, tmp_path: Path) -> None:
+    good = write_one(tmp_path / "one.png")
+    with pytest.raises(DataError, match=r"nope\.png does not exist"):
+        predict.classify([good, tmp_path / "nope.png"], str(trained_model))
+    failed: list[DataError] = []
+    results = predict.classify([tmp_path / "nope.png", good], str(trained_model), on_error=failed.append)
+    assert [path for path, _, _ in results] == [good]
+    assert len(failed) == 1 and "nope.png does not exist" in str(failed[0])
+    assert predict.classify([tmp_path / "nope.png"], str(tmp_path / "none.keras"), on_error=failed.append) == []

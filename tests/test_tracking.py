@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
 import pytest
-from workspace import free_port
+from workspace import REPO, free_port
 
 from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
@@ -50,9 +60,117 @@ def test_server_store_keeps_its_own_artifact_location() -> None:
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+    with pytest.raises(TrackingError) as raised:
         tracking.check_reachable(uri)
     assert time.monotonic() - started < 6
+    assert str(raised.value) == (
+        f"the MLflow tracking server at {uri} is unreachable (connection refused); "
+        "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+    )
+
+
+def test_server_that_never_answers_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port is open (the kernel completes the handshake) but nothing ever replies."""
+    monkeypatch.setattr(tracking, "_PROBE_TIMEOUT", (0.5, 0.5))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TrackingError, match=r"is unreachable \(timed out\); start it"):
+            tracking.check_reachable(uri)
+
+
+Reply = tuple[int, str, bytes]  # status, content type, body
+
+
+@pytest.fixture
+def web_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[str, dict[str, str]], Reply]], str]]:
+    """Start a plain `http.server` on 127.0.0.1 answering every GET with `reply(path, headers)`; its URL."""
+    for variable in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(reply: Callable[[str, dict[str, str]], Reply]) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = reply(self.path, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep pytest's output clean
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def healthy_but_not_mlflow(path: str, headers: dict[str, str]) -> Reply:
+    """Any web server: 200 on /health (which is why /health proves nothing), 404 elsewhere."""
+    return (200, "text/plain", b"OK") if path == "/health" else (404, "text/html", b"<h1>Not Found</h1>")
+
+
+def html_everywhere(path: str, headers: dict[str, str]) -> Reply:
+    """A single-page app or a proxy's login page: 200 and HTML for any path."""
+    return 200, "text/html", b"<html><body>Sign in</body></html>"
+
+
+@pytest.mark.parametrize(("reply", "status"), [(healthy_but_not_mlflow, 404), (html_everywhere, 200)])
+def test_web_server_that_is_not_mlflow_is_named_as_such(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str],
+    reply: Callable[[str, dict[str, str]], Reply],
+    status: int,
+) -> None:
+    uri = web_server(reply)
+    with pytest.raises(TrackingError) as raised:
+        tracking.check_reachable(uri)
+    assert str(raised.value) == (
+        f"the server at {uri} answered but is not an MLflow tracking server "
+        f"(HTTP {status} on /api/2.0/mlflow/experiments/search); check MLFLOW_TRACKING_URI."
+    )
+
+
+def test_server_refusing_access_asks_for_credentials_and_gets_mlflows(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe sends what MLflow's client sends (here MLFLOW_TRACKING_TOKEN), so a protected server passes."""
+
+    def protected(path: str, headers: dict[str, str]) -> Reply:
+        if headers.get("Authorization") != "Bearer s3cret":
+            return 401, "application/json", b'{"error_code": "UNAUTHENTICATED", "message": "log in"}'
+        assert path == "/api/2.0/mlflow/experiments/search?max_results=1"
+        return 200, "application/json", json.dumps({"experiments": [{"experiment_id": "0"}]}).encode()
+
+    uri = web_server(protected)
+    with pytest.raises(TrackingError, match=r"refused access \(HTTP 401 on .*MLFLOW_TRACKING_TOKEN"):
+        tracking.check_reachable(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    tracking.check_reachable(uri)
+
+
+def test_mlflow_server_with_an_error_is_not_called_unreachable(
+    web_server: Callable[[Callable[[str, dict[str, str]], Reply]], str],
+) -> None:
+    """MLflow's JSON error body (a broken backend database, say) means MLflow answered."""
+    body = {"error_code": "INTERNAL_ERROR", "message": "(sqlite3.OperationalError) no such table: experiments\nSQL"}
+    uri = web_server(lambda path, headers: (500, "application/json", json.dumps(body).encode()))
+    with pytest.raises(TrackingError) as raised:
+        tracking.check_reachable(uri)
+    assert str(raised.value) == (
+        f"the MLflow tracking server at {uri} answered with an error (HTTP 500 on "
+        "/api/2.0/mlflow/experiments/search: INTERNAL_ERROR: (sqlite3.OperationalError) no such table: "
+        "experiments); check the server and its log."
+    )
 
 
 def test_missing_database_folder_is_reported(tmp_path: Path) -> None:
@@ -126,3 +244,78 @@ def test_champion_moves_by_validation_accuracy_never_by_test(store: str, tmp_pat
     assert champions == ["1", "1", "3", "3"]  # a worse or equal validation accuracy does not take the alias
     version = client.get_model_version(tracking.REGISTERED_MODEL, "2")
     assert version.tags == {"val_accuracy": "0.850000", "test_accuracy": "0.990000"}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped: nothing has it now (pids are not reused at once)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def running_run(client: mlflow.MlflowClient, experiment_id: str, **tags: str) -> str:
+    """A RUNNING run with these tags, as a training process leaves it when it dies without ending it."""
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
+def test_runs_of_dead_processes_on_this_host_are_marked_killed(store: str, caplog: pytest.LogCaptureFixture) -> None:
+    experiment_id = tracking.connect()
+    client = mlflow.MlflowClient()
+    here, me = socket.gethostname(), tracking.process_tags()
+    gone = dead_pid()
+    dead = running_run(client, experiment_id, host=here, pid=str(gone))
+    reused = running_run(client, experiment_id, host=here, pid=me["pid"], pid_start="1")  # same pid, older process
+    alive = running_run(client, experiment_id, **me)
+    elsewhere = running_run(client, experiment_id, host=f"not-{here}", pid=str(gone))
+    untagged = running_run(client, experiment_id)
+    with caplog.at_level(logging.INFO, logger="pipeline.tracking"):
+        ended = tracking.end_orphaned_runs(client, experiment_id)
+    assert sorted(ended) == sorted([dead, reused])
+    assert {run: run_status(run) for run in (dead, reused, alive, elsewhere, untagged)} == {
+        dead: "KILLED",
+        reused: "KILLED",
+        alive: "RUNNING",
+        elsewhere: "RUNNING",
+        untagged: "RUNNING",
+    }
+    assert mlflow.get_run(dead).info.end_time is not None
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "pipeline.tracking") == sorted(
+        f"MLflow run {run} was left RUNNING by process {pid} on {here}, which no longer exists; marked KILLED"
+        for run, pid in ((dead, gone), (reused, me["pid"]))
+    )
+    assert tracking.end_orphaned_runs(None, experiment_id) == []  # KILLED runs are not RUNNING any more
+
+
+def test_every_run_names_its_process_also_when_resumed(store: str) -> None:
+    with tracking.run(tags={"params_md5": "x"}) as run_id:
+        tags = mlflow.get_run(run_id).data.tags
+    assert tags["params_md5"] == "x"
+    assert {key: tags[key] for key in ("host", "pid", "pid_start")} == tracking.process_tags()
+    assert tags["pid"] == str(os.getpid())
+    # evaluate resumes the run that train (another process, now ended) left FINISHED: the run is ours now
+    mlflow.MlflowClient().set_tag(run_id, "pid", str(dead_pid()))
+    with tracking.resume(run_id):
+        assert mlflow.get_run(run_id).data.tags["pid"] == str(os.getpid())
+        assert tracking.end_orphaned_runs(None, mlflow.get_run(run_id).info.experiment_id) == []
+    assert run_status(run_id) == "FINISHED"
+
+
+def test_run_killed_with_sigkill_is_ended_by_the_next_run(store: str) -> None:
+    """A real training process killed with kill -9 leaves its run RUNNING; the next `tracking.run` ends it."""
+    tracking.connect()  # this process reads the test's store too
+    script = (
+        "import time\nfrom pipeline import tracking\n"
+        "with tracking.run() as run_id:\n    print(run_id, flush=True)\n    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = child.stdout.readline().strip()  # the run exists and is RUNNING
+        assert run_status(orphan) == "RUNNING"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert run_status(orphan) == "RUNNING", "SIGKILL leaves no chance to end the run"
+    with tracking.run() as run_id:
+        assert run_status(orphan) == "KILLED"
+    assert run_status(run_id) == "FINISHED"
