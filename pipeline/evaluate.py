@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import io, quiet
+from pipeline import io, quiet, timing
 from pipeline.config import (
     CONFUSION_FILE,
     CONFUSION_PNG,
@@ -78,19 +78,22 @@ def assess(test: io.Split, probabilities: np.ndarray) -> tuple[dict[str, Any], d
 
 def evaluate() -> dict[str, float]:
     """Score the model, log into its training run, then replace the stage's outputs together."""
-    import mlflow
+    with timing.phase("import MLflow"):
+        import mlflow
 
-    from pipeline import model, tracking
-
+        from pipeline import model, tracking
     run_id = io.read_json(TRAIN_METRICS, "train").get("mlflow_run_id")
     if not run_id:
         raise DataError(f"{TRAIN_METRICS} names no MLflow run; run `dvc repro -f train`.")
     test_file = prepared_file("test")
     test = io.load_split(test_file)
-    probabilities = model.probabilities(model.load(MODEL_FILE), test.x)
-    if not np.isfinite(probabilities).all():
-        raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
-    result, files = assess(test, probabilities)
+    with timing.phase("import TensorFlow, load the model"):
+        network = model.load(MODEL_FILE)
+    with timing.phase("predict, score, plots"):
+        probabilities = model.probabilities(network, test.x)
+        if not np.isfinite(probabilities).all():
+            raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
+        result, files = assess(test, probabilities)
     scalars = {key: value for key, value in result.items() if isinstance(value, float)}
     log.info(
         "test accuracy %.4f, macro F1 %.4f, log loss %.4f",
@@ -99,7 +102,11 @@ def evaluate() -> dict[str, float]:
         scalars["log_loss"],
     )
 
-    with tracking.resume(run_id), io.staged_outputs() as out:
+    with (
+        timing.phase("MLflow: metrics and plots into the training run"),
+        tracking.resume(run_id),
+        io.staged_outputs() as out,
+    ):
         for path, content in files.items():
             out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
         out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
@@ -117,7 +124,10 @@ def main() -> None:
     """Validate params.yaml (evaluate reads none of it) and evaluate the trained model."""
     load_params()
     quiet.configure_logging()
-    evaluate()
+    try:
+        evaluate()
+    finally:
+        timing.report("evaluate")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import timing
 from pipeline.config import ModelParams, TrainParams
 from pipeline.errors import DivergedError
 from pipeline.io import ALIGNMENT, Split
@@ -243,15 +244,18 @@ def fit(
     from pipeline.model import build_model, check_fits_in_memory
 
     check_fits_in_memory(model_params, train_params.batch_size)
-    seed_everything(train_params.seed)
-    model = build_model(model_params)
-    trainer = Trainer(model, train_params, train, validation)
+    with timing.phase("build the network, trace the graphs"):
+        seed_everything(train_params.seed)
+        model = build_model(model_params)
+        trainer = Trainer(model, train_params, train, validation)
     history: list[EpochResult] = []
     seconds = 0.0
     for epoch in range(1, train_params.epochs + 1):
         started = time.perf_counter()
         result = trainer.run_epoch(epoch)
-        seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        seconds += elapsed
+        timing.record("first epoch (with XLA compilation)" if epoch == 1 else "other epochs", elapsed)
         check_finite(result, train_params)
         history.append(result)
         if on_epoch:

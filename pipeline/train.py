@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
-from pipeline import io, quiet
+from pipeline import io, quiet, timing
 from pipeline.config import (
     CURVES_FILE,
     HISTORY_FILE,
@@ -75,17 +76,23 @@ def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
 
 def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
-    quiet.import_tensorflow()  # first, so that its start-up noise is filtered
-    from pipeline import model, plots, tracking
+    with timing.phase("import TensorFlow and MLflow"):
+        quiet.import_tensorflow()  # first, so that its start-up noise is filtered
+        import mlflow  # noqa: F401  (here, so that the phases below time work, not imports)
 
-    data_files = {split: prepared_file(split) for split in ("train", "validation")}
-    train_set, validation = (io.load_split(path) for path in data_files.values())
-    tags = tracking.lineage_tags(PARAMS_FILE, data_files)
-    digests = {split: tags[f"data_md5.{split}"] for split in data_files}
+        from pipeline import model, plots, tracking
+    with timing.phase("load data, lineage tags"):
+        data_files = {split: prepared_file(split) for split in ("train", "validation")}
+        train_set, validation = (io.load_split(path) for path in data_files.values())
+        tags = tracking.lineage_tags(PARAMS_FILE, data_files)
+        digests = {split: tags[f"data_md5.{split}"] for split in data_files}
 
-    with tracking.run(run_name=tracking.dvc_experiment(), tags=tags) as run_id, io.staged_outputs() as out:
-        tracking.log_params(params.flat())
-        tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
+    with ExitStack() as stack:
+        with timing.phase("MLflow: start the run, params, datasets"):
+            run_id = stack.enter_context(tracking.run(run_name=tracking.dvc_experiment(), tags=tags))
+            out = stack.enter_context(io.staged_outputs())
+            tracking.log_params(params.flat())
+            tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
         with progress(params.train.epochs) as report:
             fitted = fit(params.model, params.train, train_set, validation, on_epoch=report)
         log.info(
@@ -94,22 +101,26 @@ def train(params: Params) -> Fitted:
             fitted.train_seconds,
             fitted.history[-1].val_accuracy,
         )
-        curves = history_csv(fitted.history)
-        figure = plots.png(plots.learning_curves([asdict(result) for result in fitted.history]))
-        # Written to temporary files first, so a full disk fails here, before anything is registered.
-        out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
-        out.write_bytes(CURVES_FILE, figure)
-        out.write_text(HISTORY_FILE, curves)
-        out.write_json(TRAIN_METRICS, summary(fitted, run_id))
-        tracking.log_training(run_id, fitted.history, fitted.train_seconds, {CURVES_FILE: figure, HISTORY_FILE: curves})
-        version = tracking.log_model(fitted.model, validation.x[:5])
-        champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
-        log.info(
-            "registered as version %s of %s%s",
-            version,
-            tracking.REGISTERED_MODEL,
-            f", the new @{tracking.CHAMPION} (best validation accuracy so far)" if champion else "",
-        )
+        with timing.phase("plots and outputs"):
+            curves = history_csv(fitted.history)
+            figure = plots.png(plots.learning_curves([asdict(result) for result in fitted.history]))
+            # Written to temporary files first, so a full disk fails here, before anything is registered.
+            out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
+            out.write_bytes(CURVES_FILE, figure)
+            out.write_text(HISTORY_FILE, curves)
+            out.write_json(TRAIN_METRICS, summary(fitted, run_id))
+        with timing.phase("MLflow: curves and plots"):
+            files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
+            tracking.log_training(run_id, fitted.history, fitted.train_seconds, files)
+        with timing.phase("MLflow: log and register the model"):
+            version = tracking.log_model(fitted.model, validation.x[:5])
+            champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
+    log.info(
+        "registered as version %s of %s%s",
+        version,
+        tracking.REGISTERED_MODEL,
+        f", the new @{tracking.CHAMPION} (best validation accuracy so far)" if champion else "",
+    )
     return fitted
 
 
@@ -117,7 +128,10 @@ def main() -> None:
     """Read `model` and `train` from params.yaml and train."""
     params = load_params()
     quiet.configure_logging()
-    train(params)
+    try:
+        train(params)
+    finally:
+        timing.report("train")
 
 
 if __name__ == "__main__":
