@@ -248,9 +248,10 @@ def end_orphaned_runs(client: Any | None, experiment_id: str) -> list[str]:
 
 @contextmanager
 def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
-    """Start (or resume, with `run_id`) a run and yield its id. It never stays RUNNING: KILLED on
-    Ctrl-C/SIGTERM, FAILED on error, and, if this process is killed outright, KILLED by the next run on
-    this host (`end_orphaned_runs`)."""
+    """Start (or resume, with `run_id`) a run and yield its id. It never stays RUNNING: a new run ends
+    KILLED on Ctrl-C/SIGTERM and FAILED on error, and, if this process is killed outright, KILLED by the
+    next run on this host (`end_orphaned_runs`). A resumed run (evaluation logging into its training)
+    that fails gets its earlier status back, with the tag `resume_failed`: a finished training stays so."""
     import mlflow
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
@@ -258,26 +259,37 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     experiment_id = connect()
     end_orphaned_runs(None, experiment_id)
     tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
+    client = mlflow.MlflowClient()
+    earlier = client.get_run(run_id).info.status if run_id else None
     if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
-        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
     )
+
+    def end(status: str, reason: str) -> None:
+        try:
+            if earlier:
+                client.set_tag(active.info.run_id, "resume_failed", reason)
+            mlflow.end_run(earlier or status)
+        except (MlflowException, OSError, requests.RequestException):
+            pass  # the store itself is failing: the error being raised says so
+
     try:
         yield active.info.run_id
     except (KeyboardInterrupt, Terminated):
-        mlflow.end_run("KILLED")
+        end("KILLED", "interrupted")
         raise
     except (MlflowException, OSError, requests.RequestException) as error:
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
-        mlflow.end_run("FAILED")
         reason = str(getattr(error, "message", "") or error).strip().splitlines()[0]
+        end("FAILED", reason)
         raise TrackingError(
             f"recording the run in the MLflow store {tracking_uri()} failed ({type(error).__name__}: {reason}); "
             "check the store (disk, permissions, server) and run again. The previous outputs were left as they were."
         ) from None
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as error:
+        end("FAILED", str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise
     else:
         mlflow.end_run("FINISHED")

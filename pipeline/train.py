@@ -26,6 +26,7 @@ from pipeline.config import (
 )
 from pipeline.errors import run_stage
 from pipeline.fit import EpochResult, Fitted, fit
+from pipeline.model import check_fits_in_memory
 
 log = logging.getLogger("pipeline.train")
 
@@ -76,6 +77,7 @@ def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
 
 def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
+    check_fits_in_memory(params.model, params.train.batch_size)  # before the slow imports and any run
     with timing.phase("import TensorFlow and MLflow"):
         quiet.import_tensorflow()  # first, so that its start-up noise is filtered
         import mlflow  # noqa: F401  (here, so that the phases below time work, not imports)
