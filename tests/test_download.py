@@ -332,7 +332,6 @@ def test_dead_mirror_is_listed_as_skipped_when_a_later_file_fails(tmp_path: Path
     assert f"{partial.url('/mnist/')}: HTTP 404" in message
     # the four files change together: the verified first one is not written without the others
     assert list(tmp_path.iterdir()) == []
-    assert sha256(tmp_path / MNIST_FILES[0]) == SUMS[MNIST_FILES[0]]
 
 
 def test_untrusted_certificate_is_not_accepted(
