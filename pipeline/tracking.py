@@ -171,9 +171,15 @@ def connect() -> str:
     with FileLock(f"{database}.lock") if database else nullcontext():
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
+            if experiment is not None:
+                return experiment.experiment_id
+            try:
                 return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
-            return experiment.experiment_id
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # on a server the file lock does not apply: another process created it a moment ago
+                return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id  # type: ignore[union-attr]
         except MlflowException as error:
             reason = error.message.splitlines()[0]
             raise TrackingError(f"the MLflow store {uri} is unusable ({reason}); check MLFLOW_TRACKING_URI.") from None

@@ -13,7 +13,10 @@ share it: trial numbers are unique and contiguous, and a study resumes where it 
 in Optuna's RDBStorage: `--storage URL`, else `OPTUNA_STORAGE`, else `optuna.db` at the repository root
 (SQLite; never `mlflow.db`, both keep an `alembic_version` table). Workers send a heartbeat; the trials of
 a worker that died (SIGKILL, a lost machine) are failed by the next worker that starts a trial, after a
-grace period, and their MLflow runs closed as FAILED.
+grace period, and their MLflow runs closed as FAILED (on the same host, the next pipeline command ends
+such a run KILLED even sooner, as it does for every run of a killed process). Workers that start at the
+same moment race to create the database's tables (the loser retries) and the MLflow experiment
+(`tracking.connect` settles that).
 
 **MLflow.** One parent run per study (named after it, created by whichever worker created the study;
 the others find its id in the study's user attributes) and one child run per trial, `STUDY/trial-N`,
@@ -30,10 +33,11 @@ experiment (training is deterministic, so that reproduces the trial's figures).
 - Pruning: the median rule (after 5 trials, from a third of the epochs on, a trial whose validation
   accuracy is below the median of earlier trials at the same epoch stops).
 - Sampling: TPE with the "constant liar" (running trials of other workers count as bad, so concurrent
-  workers do not crowd the same region). The random draws of trial n are seeded from `--seed` and n:
-  trial numbers are unique across workers, so two workers never draw identical sequences (one seed for
-  all would make simultaneous workers sample the same parameters), and re-running a study from scratch
-  with one worker reproduces its parameters.
+  workers do not crowd the same region). The random draws of trial n are seeded from `--seed`, the
+  study's name and n: trial numbers are unique across workers, so two workers never draw identical
+  sequences (one seed for all would make simultaneous workers sample the same parameters), two studies
+  do not start from the same points, and re-running a study from scratch with one worker reproduces
+  its parameters.
 - A trial that fails for a reason of its own (it diverges, an invalid combination of sampled values,
   too large for memory) is recorded as FAIL and the study goes on; a store that fails stops the worker.
 - Optuna's own log is limited to errors: at warning level it prints a traceback for every failed trial;
@@ -54,6 +58,7 @@ import shlex
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +66,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
-from pipeline import io, recipe, tracking
+from pipeline import io, quiet, recipe, tracking
 from pipeline.config import PARAMS_FILE, Params, load_params, prepared_file
 from pipeline.errors import (
     ConfigError,
@@ -95,6 +100,7 @@ PARENT_WAIT_SECONDS = 120.0
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 PRUNER_STARTUP_TRIALS = 5
+STORAGE_ATTEMPTS = 5
 # Trial-level failures: recorded as FAIL, the study goes on. Anything else (the store failing) stops it.
 TRIAL_ERRORS: tuple[type[Exception], ...] = (DivergedError, ConfigError, ResourceError, DataError)
 
@@ -125,16 +131,26 @@ class SearchSpace:
 
     def describe(self, key: str) -> str:
         """`float in [0.0005, 0.01], log` / `one of [128, 256]`: for the parent run's parameters."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        return describe(self.distributions[key])
 
-        d = self.distributions[key]
-        if isinstance(d, CategoricalDistribution):
-            choices = [json.loads(str(c)) if key in self.encoded else c for c in d.choices]
-            return f"one of {choices}"
-        assert isinstance(d, (FloatDistribution, IntDistribution))
-        kind = "float" if isinstance(d, FloatDistribution) else "int"
-        extras = (", log" if d.log else "") + (f", step {d.step}" if d.step not in (None, 1) else "")
-        return f"{kind} in [{d.low}, {d.high}]{extras}"
+
+def describe(d: BaseDistribution) -> str:
+    """A distribution in words; list choices (held as JSON text) shown as the lists they are."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(d, CategoricalDistribution):
+        return f"one of {[_decoded(choice) for choice in d.choices]}"
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    kind = "float" if isinstance(d, FloatDistribution) else "int"
+    extras = (", log" if d.log else "") + (f", step {d.step}" if d.step not in (None, 1) else "")
+    return f"{kind} in [{d.low}, {d.high}]{extras}"
+
+
+def _decoded(choice: Any) -> Any:
+    if isinstance(choice, str) and choice.startswith(("[", "{")):
+        with contextlib.suppress(ValueError):
+            return json.loads(choice)
+    return choice
 
 
 def _flat_keys(base: Params) -> list[str]:
@@ -326,22 +342,23 @@ def differences(base: Params, flat: dict[str, Any]) -> dict[str, Any]:
 # --- Optuna ---------------------------------------------------------------------------------------
 
 
-def trial_seed(seed: int, number: int) -> int:
-    """The seed of trial `number`'s random draws: distinct per trial, the same for the same study seed."""
+def trial_seed(seed: int, study: str, number: int) -> int:
+    """The seed of the random draws of trial `number` of `study`: distinct per study and trial, the same
+    every time for the same `--seed`."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, zlib.crc32(study.encode()), number]).generate_state(1)[0])
 
 
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """TPE with the constant liar, reseeded before each trial from `(seed, trial number)`."""
+    """TPE with the constant liar, reseeded before each trial from `(seed, study name, trial number)`."""
     from optuna.samplers import TPESampler
 
     class TrialSeededTPE(TPESampler):
         def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
             super().before_trial(study, trial)
             # TPE and its random start-up sampler each hold one RandomState (Optuna 5; pinned <6)
-            state = trial_seed(seed, trial.number)
+            state = trial_seed(seed, study.study_name, trial.number)
             self._rng.rng.seed(state)
             self._random_sampler._rng.rng.seed(state)
 
@@ -378,24 +395,39 @@ def shown_url(url: str) -> str:
         return url
 
 
+def _creation_race(error: Exception) -> bool:
+    """Two workers creating the tables of a new database at once: the loser's error, worth a retry."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    text = str(error)
+    return isinstance(error, IntegrityError) or (
+        isinstance(error, OperationalError) and ("already exists" in text or "locked" in text)
+    )
+
+
 def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage:
     """Optuna's RDBStorage with heartbeats; a database that cannot be opened is one sentence."""
     from optuna.storages import RDBStorage
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=on_stale,
-        )
-    except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a missing driver, a dead server
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise TrackingError(
-            f"the Optuna storage {shown_url(url)} cannot be opened ({reason}); fix --storage or OPTUNA_STORAGE."
-        ) from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=on_stale,
+            )
+        except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a missing driver, a dead server
+            if _creation_race(error) and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(1.0)  # the other worker's tables are there now
+                continue
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise TrackingError(
+                f"the Optuna storage {shown_url(url)} cannot be opened ({reason}); fix --storage or OPTUNA_STORAGE."
+            ) from None
+    raise AssertionError("unreachable")
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -442,17 +474,6 @@ def close_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
         with contextlib.suppress(Exception):  # best effort: never stop this worker over another's run
             close_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason})
     log.warning("trial %d of study %s was failed: its worker stopped", trial.number, study.study_name)
-
-
-def connect() -> str:
-    """`tracking.connect()`, once more if another worker created the experiment at the same moment: on a
-    server its file lock does not apply, and the loser of that race gets RESOURCE_ALREADY_EXISTS."""
-    try:
-        return tracking.connect()
-    except TrackingError as error:
-        if "RESOURCE_ALREADY_EXISTS" not in str(error):
-            raise
-        return tracking.connect()
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -504,12 +525,14 @@ def _check_definition(study: optuna.Study, space: SearchSpace) -> None:
         return
     for key, old in before["space"].items():
         if key in space.distributions:
+            started = json_to_distribution(json.dumps(old))
             try:
-                check_distribution_compatibility(json_to_distribution(json.dumps(old)), space.distributions[key])
+                check_distribution_compatibility(started, space.distributions[key])
             except ValueError:
                 raise ConfigError(
-                    f"study {study.study_name} searched {key} as {json.dumps(old)}; a study cannot change a key's "
-                    "kind, log scale or choices: restore that entry, or start another --study."
+                    f"study {study.study_name} searched {key} as {describe(started)}, not "
+                    f"{space.describe(key)}; a study cannot change a key's kind, log scale or choices: restore that "
+                    "entry, or start another --study."
                 ) from None
     changed = sorted(
         key
@@ -600,6 +623,9 @@ def make_objective(
                     "optuna.study": name,
                     "optuna.trial_number": str(trial.number),
                     **tags,
+                    # host and pid: the next pipeline run on this host ends it KILLED if this worker is
+                    # killed outright (tracking.end_orphaned_runs); the next worker fails it (heartbeat)
+                    **tracking.process_tags(),
                 },
             )
         run_id = run.info.run_id
@@ -708,7 +734,7 @@ def summary(study: optuna.Study, base: Params) -> list[str]:
     flat = best.user_attrs.get("params") or best.params
     changed = differences(base, flat)
     lines = [
-        f"best trial of study {study.study_name} ({len(trials)} trials: {tally}): "
+        f"best trial of study {study.study_name} ({len(trials)} trial{'s' * (len(trials) != 1)}: {tally}): "
         f"trial {best.number}, val_accuracy {best.value:.4f}"
     ]
     lines += [f"  {key}: {recipe.yaml_value(value)}" for key, value in changed.items()]
@@ -742,7 +768,8 @@ def update_parent(shared: Study) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ').strip()}")
+        usage = " ".join(self.format_usage().removeprefix("usage: ").split())  # one line, however wide
+        raise UsageError(f"{message}; usage: {usage}")
 
 
 def _positive(text: str) -> int:
@@ -776,29 +803,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def quiet() -> None:
-    """Optuna's and MLflow's info logs would drown the one line per trial."""
-    import mlflow  # noqa: F401  (it sets its loggers' levels when imported: import it first)
+def quiet_optuna() -> None:
+    """Optuna's INFO lines (and, at WARNING, a traceback per failed trial) would drown the line per trial;
+    the heartbeat and the constant liar are "experimental" arguments, which it warns about every time."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str]) -> None:
     """Check everything, then run this worker's trials and print the study's best."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.configure_logging()
     if not PARAMS_FILE.is_file():
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
     base = load_params()
     space = read_space(args.space, base, parse_set(args.pinned, base))
     train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
 
-    quiet()
-    experiment_id = connect()  # fails in seconds on a dead server
+    quiet_optuna()
+    experiment_id = tracking.connect()  # fails in seconds on a dead server
+    with store_errors("ending the runs of killed processes"):
+        tracking.end_orphaned_runs(None, experiment_id)
     url = storage_url(args.storage)
     uri = tracking.tracking_uri()
     if not args.storage and not os.environ.get("OPTUNA_STORAGE") and uri.startswith(("http://", "https://")):
@@ -811,6 +839,7 @@ def main(argv: Sequence[str]) -> None:
     tags = {key: value for key, value in lineage.items() if key != "params_md5"}  # a trial is not params.yaml
     tags["optuna.storage"] = shown_url(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags)
+    quiet.import_tensorflow()  # before the first trial, so that its start-up noise is filtered
     objective = make_objective(shared, base, space, train, validation, tags)
     mine: list[FrozenTrial] = []
     try:
