@@ -16,7 +16,7 @@ import os
 import zipfile
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -89,19 +89,34 @@ def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -
 def save(model: keras.Model, path: Path) -> None:
     """Save in the native .keras format to `path`, byte-identical for identical weights.
 
-    Keras stamps the save time into the archive (metadata.json and a zip entry date); both are fixed
-    here, so `dvc status` and dvc.lock see a change only when the model itself changed.
+    Keras writes the save time into the archive (metadata.json, the zip entries' dates) and numbers the
+    objects that layers share by their memory address (`shared_object_id` in config.json): the time is
+    left out and the numbers made sequential, so `dvc status` sees a change only when the model changed.
     """
     model.save(path)
     with zipfile.ZipFile(path) as archive:
-        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    metadata = json.loads(entries["metadata.json"])
+    metadata.pop("date_saved", None)
+    entries["metadata.json"] = json.dumps(metadata, sort_keys=True).encode()
+    entries["config.json"] = json.dumps(canonical_ids(json.loads(entries["config.json"]))).encode()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in entries:
-            if name == "metadata.json":
-                metadata = json.loads(data)
-                metadata.pop("date_saved", None)
-                data = json.dumps(metadata, sort_keys=True).encode()
+        for name, data in entries.items():
             archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+def canonical_ids(config: Any, ids: dict[int, int] | None = None) -> Any:
+    """`config` with every `shared_object_id` (a memory address) replaced by 1, 2, ... in order of first
+    appearance: the same sharing, the same numbers in every process."""
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {
+            key: ids.setdefault(value, len(ids) + 1) if key == "shared_object_id" else canonical_ids(value, ids)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [canonical_ids(value, ids) for value in config]
+    return config
 
 
 def with_softmax(model: keras.Model) -> keras.Model:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import ModelParams
 from pipeline.errors import DataError
-from pipeline.model import build_model, load, parameter_count, probabilities, save, with_softmax
+from pipeline.model import build_model, canonical_ids, load, parameter_count, probabilities, save, with_softmax
 
 REFERENCE = ModelParams(
     hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False, dropout=0.0
@@ -114,3 +114,32 @@ def test_dropout_follows_each_hidden_block_and_adds_no_weights() -> None:
 def test_parameter_count_matches_keras(variant: dict[str, object]) -> None:
     params = REFERENCE.model_copy(update=variant)
     assert parameter_count(params) == build_model(params).count_params()
+
+
+def test_shared_object_ids_are_numbered_in_order_not_by_address() -> None:
+    config = {
+        "a": {"shared_object_id": 140032288147280},
+        "b": [{"shared_object_id": 99}, {"x": 1}],
+        "c": {"shared_object_id": 140032288147280},
+    }
+    assert canonical_ids(config) == {
+        "a": {"shared_object_id": 1},
+        "b": [{"shared_object_id": 2}, {"x": 1}],
+        "c": {"shared_object_id": 1},
+    }
+
+
+def test_a_model_saved_by_two_processes_is_the_same_archive(tmp_path: Path) -> None:
+    """Object addresses differ between processes; the saved archive must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keras; from pathlib import Path; from pipeline.config import ModelParams; "
+        "from pipeline.model import build_model, save; keras.utils.set_random_seed(1); "
+        "save(build_model(ModelParams(hidden_units=[8], activation='elu', batch_norm_momentum=0.9, "
+        "batch_norm_logits=False, dropout=0.0)), Path(sys.argv[1]))"
+    )
+    for name in ("a.keras", "b.keras"):
+        subprocess.run([sys.executable, "-c", code, tmp_path / name], check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
