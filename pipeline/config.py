@@ -35,6 +35,7 @@ CURVES_FILE = Path("plots/learning_curves.png")
 CONFUSION_FILE = Path("plots/confusion.csv")
 CONFUSION_PNG = Path("plots/confusion.png")
 MISTAKES_PNG = Path("plots/misclassified.png")
+SEARCH_SPACE_FILE = Path("recipes/search_space.yaml")  # what `mnist-tune` varies
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",

@@ -19,14 +19,27 @@ from pathlib import Path
 _phases: dict[str, float] = {}
 
 
+def process_start(pid: int) -> str | None:
+    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
+    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
+
+
 def process_seconds() -> float:
     """Wall seconds since this process started (Linux: from /proc; elsewhere: since this module loaded)."""
+    started = process_start(os.getpid())
     try:
-        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
+        started = None
+    if started is None:
         return time.perf_counter() - _LOADED
+    return uptime - int(started) / os.sysconf("SC_CLK_TCK")
 
 
 _LOADED = time.perf_counter()

@@ -27,6 +27,7 @@ import requests
 from filelock import FileLock
 
 from pipeline.errors import Terminated, TrackingError
+from pipeline.timing import process_start
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -185,21 +186,10 @@ def connect() -> str:
             raise TrackingError(f"the MLflow store {uri} is unusable ({reason}); check MLFLOW_TRACKING_URI.") from None
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
-    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
-
-
 def process_tags() -> dict[str, str]:
     """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-    if start := _process_start(os.getpid()):
+    if start := process_start(os.getpid()):
         tags[PID_START_TAG] = start
     return tags
 
@@ -207,7 +197,7 @@ def process_tags() -> dict[str, str]:
 def _process_gone(pid: int, start: str | None) -> bool:
     """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
     if Path("/proc/self/stat").exists():
-        now = _process_start(pid)
+        now = process_start(pid)
         return now is None or (start is not None and now != start)
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists

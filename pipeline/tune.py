@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 
 from pipeline import io, quiet, recipe, tracking
-from pipeline.config import PARAMS_FILE, Params, load_params, prepared_file
+from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, Params, load_params, prepared_file
 from pipeline.errors import (
     ConfigError,
     DataError,
@@ -89,7 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.tune")
 
-SPACE_FILE = Path("recipes/search_space.yaml")
 SET_SOURCE = Path("--set")  # how errors in --set values name their source
 TUNABLE_SECTIONS = ("model", "train")  # data.* and download.* shape the prepared data, not a trial
 DISTRIBUTION_KEYS = ("low", "high", "log", "step", "choices")
@@ -278,7 +277,7 @@ def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
     try:
         document = yaml.safe_load(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{file} not found; pass --space FILE, or restore {SPACE_FILE} with git.") from None
+        raise ConfigError(f"{file} not found; pass --space FILE, or restore {SEARCH_SPACE_FILE} with git.") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{file} cannot be read as YAML ({error}); fix or restore it.") from None
     document = {} if document is None else document
@@ -791,7 +790,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="pinned", help="pin a params.yaml key"
     )
-    parser.add_argument("--space", type=Path, default=SPACE_FILE, metavar="FILE", help=f"default: {SPACE_FILE}")
+    parser.add_argument(
+        "--space", type=Path, default=SEARCH_SPACE_FILE, metavar="FILE", help=f"default: {SEARCH_SPACE_FILE}"
+    )
     parser.add_argument("--storage", metavar="URL", help="Optuna storage (default: OPTUNA_STORAGE, else optuna.db)")
     parser.add_argument("--seed", type=_seed, default=0, metavar="S", help="sampler seed (default 0)")
     args = parser.parse_args(argv)

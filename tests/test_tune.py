@@ -23,10 +23,9 @@ import pytest
 import yaml
 from workspace import REPO, clone, free_port, sh, venv_env
 
-from pipeline.config import load_params
+from pipeline.config import SEARCH_SPACE_FILE, load_params
 from pipeline.errors import ConfigError
 from pipeline.tune import (
-    SPACE_FILE,
     SearchSpace,
     UsageError,
     differences,
@@ -60,7 +59,7 @@ def space_error(tmp_path: Path, document: object, pinned: dict | None = None) ->
 
 
 def test_the_committed_space_is_valid() -> None:
-    space = read_space(REPO / SPACE_FILE, BASE, {})
+    space = read_space(REPO / SEARCH_SPACE_FILE, BASE, {})
     assert "train.learning_rate" in space.distributions
     assert space.fixed["train.optimizer"] == "adamw"
 
@@ -159,14 +158,14 @@ def test_set_values_are_yaml_and_checked() -> None:
         parse_set(["model.hidden_units=[64,"], BASE)
     # the value is checked against the schema, over the space's fixed values
     with pytest.raises(ConfigError, match=r"^--set: train.epochs = 0 is not allowed: input should be greater than"):
-        read_space(REPO / SPACE_FILE, BASE, parse_set(["train.epochs=0"], BASE))
+        read_space(REPO / SEARCH_SPACE_FILE, BASE, parse_set(["train.epochs=0"], BASE))
     with pytest.raises(ConfigError, match=r"^--set: train.warmup_epochs = 1 leaves no epoch to decay in"):
-        read_space(REPO / SPACE_FILE, BASE, parse_set(["train.epochs=1"], BASE))
+        read_space(REPO / SEARCH_SPACE_FILE, BASE, parse_set(["train.epochs=1"], BASE))
 
 
 def test_set_pins_a_key_over_the_space_and_the_fixed_values() -> None:
     pinned = parse_set(["train.learning_rate=0.002", "train.epochs=3"], BASE)
-    space = read_space(REPO / SPACE_FILE, BASE, pinned)
+    space = read_space(REPO / SEARCH_SPACE_FILE, BASE, pinned)
     assert "train.learning_rate" not in space.distributions
     assert space.fixed["train.learning_rate"] == 0.002 and space.fixed["train.epochs"] == 3
 
@@ -198,7 +197,7 @@ def sample(space: SearchSpace, trials: int, seed: int = 0, name: str = "study") 
 
 
 def test_a_small_study_samples_only_legal_parameters(tmp_path: Path) -> None:
-    document = yaml.safe_load((REPO / SPACE_FILE).read_text())
+    document = yaml.safe_load((REPO / SEARCH_SPACE_FILE).read_text())
     document["space"]["model.hidden_units"] = {"choices": [[64, 32], [128]]}  # list choices too
     space = read_space(space_file(tmp_path, document), BASE, parse_set(["train.epochs=4"], BASE))
     trials = sample(space, 25)  # more than TPE's 10 random start-up trials
@@ -217,7 +216,7 @@ def test_a_small_study_samples_only_legal_parameters(tmp_path: Path) -> None:
 
 
 def test_trials_draw_from_the_seed_and_their_number() -> None:
-    space = read_space(REPO / SPACE_FILE, BASE, {})
+    space = read_space(REPO / SEARCH_SPACE_FILE, BASE, {})
     first, again, other_seed = (sample(space, 3, seed) for seed in (0, 0, 1))
     assert [t.params for t in first] == [t.params for t in again]  # reproducible
     assert [t.params for t in first] != [t.params for t in other_seed]
@@ -229,10 +228,10 @@ def test_a_resumed_study_may_change_ranges_but_not_choices(tmp_path: Path, caplo
     from pipeline.tune import DEFINITION_ATTR, _check_definition
 
     study = optuna.create_study(study_name="defined", direction="maximize")
-    study.set_user_attr(DEFINITION_ATTR, read_space(REPO / SPACE_FILE, BASE, {}).definition())
-    _check_definition(study, read_space(REPO / SPACE_FILE, BASE, {}))
+    study.set_user_attr(DEFINITION_ATTR, read_space(REPO / SEARCH_SPACE_FILE, BASE, {}).definition())
+    _check_definition(study, read_space(REPO / SEARCH_SPACE_FILE, BASE, {}))
     assert not caplog.records
-    document = yaml.safe_load((REPO / SPACE_FILE).read_text())
+    document = yaml.safe_load((REPO / SEARCH_SPACE_FILE).read_text())
     document["space"]["train.label_smoothing"]["high"] = 0.3
     _check_definition(study, read_space(space_file(tmp_path, document), BASE, parse_set(["train.epochs=5"], BASE)))
     assert "(train.epochs, train.label_smoothing differ)" in caplog.text
@@ -470,7 +469,7 @@ def test_missing_data_is_one_line(tmp_path: Path) -> None:
     shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "recipes").mkdir()
-    shutil.copy2(REPO / SPACE_FILE, tmp_path / SPACE_FILE)
+    shutil.copy2(REPO / SEARCH_SPACE_FILE, tmp_path / SEARCH_SPACE_FILE)
     env = venv_env() | {"PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"],
