@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from workspace import REPO, clone, sh, venv_env
+from workspace import clone, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.e2e
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package installed as `pip install .` would, into a folder of its own (dependencies come from the venv)."""
     target = tmp_path_factory.mktemp("site")
-    sh(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, REPO, cwd=REPO, timeout=600)
+    source = clone(tmp_path_factory.mktemp("source") / "repo")  # setuptools builds inside the source folder
+    sh(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, source, cwd=source, timeout=600)
     assert not (target / "pipeline" / "__init__.py").is_symlink()
     return target
 
