@@ -214,22 +214,27 @@ def validate_params(document: Any, file: Path = PARAMS_FILE) -> Params:
         raise ConfigError(_describe(problems[0], file) + more) from None
 
 
-def load_params(file: Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; every stage calls this before doing any work."""
+def read_yaml(file: Path, if_missing: str) -> Any:
+    """Parse a YAML file that users edit (params.yaml, a recipe, the search space); every problem is a
+    `ConfigError` naming the file, with the line and column of a syntax error. `if_missing` ends the
+    sentence for a missing file: what to do about it."""
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{file} not found in {Path.cwd()}; run the stages from the repository root (dvc repro does)."
-        ) from None
+        raise ConfigError(f"{file} not found{if_missing}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{file} cannot be read ({error}); restore it with `git checkout {file}`.") from None
     try:
-        document = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{file} is not valid YAML{where}: {error.problem}; fix the syntax there.") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{file} is not valid YAML: {error}; fix the syntax.") from None
-    return validate_params(document, file)
+
+
+def load_params(file: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; every stage calls this before doing any work."""
+    missing = f" in {Path.cwd()}; run the stages from the repository root (dvc repro does)."
+    return validate_params(read_yaml(file, missing), file)

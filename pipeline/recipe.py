@@ -17,20 +17,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import PARAMS_FILE, Params, load_params, validate_params
+from pipeline.config import PARAMS_FILE, Params, load_params, read_yaml, validate_params
 from pipeline.errors import ConfigError, PipelineError, run_stage
 
 
 def read_overrides(file: Path) -> dict[str, Any]:
     """The recipe's values as `section.key -> value`, checked against the schema over params.yaml."""
-    try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file} not found; recipes live in recipes/ (e.g. recipes/tuned.yaml).") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"{file} cannot be read as YAML ({error}); fix or restore it.") from None
+    document = read_yaml(file, "; recipes live in recipes/ (e.g. recipes/tuned.yaml).")
     if not isinstance(document, dict) or not all(isinstance(values, dict) for values in document.values()):
         raise ConfigError(f"{file}: expected sections of params.yaml (model:, train:, ...) holding keys and values.")
     flat = {f"{section}.{key}": value for section, values in document.items() for key, value in values.items()}

@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 
 from pipeline import io, quiet, recipe, tracking
-from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, Params, load_params, prepared_file
+from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, Params, load_params, prepared_file, read_yaml
 from pipeline.errors import (
     ConfigError,
     DataError,
@@ -274,12 +274,7 @@ def parse_set(values: Sequence[str], base: Params) -> dict[str, Any]:
 
 def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
     """The search space file, checked against params.yaml's schema; `pinned` (--set) overrides it."""
-    try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file} not found; pass --space FILE, or restore {SEARCH_SPACE_FILE} with git.") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"{file} cannot be read as YAML ({error}); fix or restore it.") from None
+    document = read_yaml(file, f"; pass --space FILE, or restore {SEARCH_SPACE_FILE} with git.")
     document = {} if document is None else document
     if not isinstance(document, dict):
         raise ConfigError(f"{file}: expected the sections space: and fixed:, got {type(document).__name__}.")
