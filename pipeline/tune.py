@@ -1,47 +1,14 @@
 """Command `mnist-tune --study NAME --trials N`: search hyper-parameters with Optuna, every trial in MLflow.
 
-    mnist-tune --study adamw-1 --trials 20 [--set section.key=value ...] [--space FILE] [--storage URL]
-               [--seed S]
-
-The search space (`recipes/search_space.yaml`, its header explains the format) names the params.yaml
-keys a study varies, their distributions, and values the study holds fixed; `--set` pins a key for the
-whole study. Every bound, choice, fixed and pinned value is checked against params.yaml's schema before
-anything starts, with one sentence naming the file, the key, the value and what is allowed.
-
-**Workers.** Each process runs N trials of the study; start several (on one machine or many) and they
-share it: trial numbers are unique and contiguous, and a study resumes where it stopped. The study lives
-in Optuna's RDBStorage: `--storage URL`, else `OPTUNA_STORAGE`, else `optuna.db` at the repository root
-(SQLite; never `mlflow.db`, both keep an `alembic_version` table). Workers send a heartbeat; the trials of
-a worker that died (SIGKILL, a lost machine) are failed by the next worker that starts a trial, after a
-grace period, and their MLflow runs closed as FAILED (on the same host, the next pipeline command ends
-such a run KILLED even sooner, as it does for every run of a killed process). Workers that start at the
-same moment race to create the database's tables (the loser retries) and the MLflow experiment
-(`tracking.connect` settles that).
-
-**MLflow.** One parent run per study (named after it, created by whichever worker created the study;
-the others find its id in the study's user attributes) and one child run per trial, `STUDY/trial-N`,
-holding every params.yaml value (`section.key`, as the train stage logs them), the per-epoch curves
-(step = epoch, logged as they come), `train_seconds`, and the tags `optuna.study`, `optuna.trial_number`
-and `optuna.state` (COMPLETE, PRUNED or FAIL). A run ends FINISHED (complete), KILLED (pruned) or FAILED
-(an error, Ctrl-C, SIGTERM); never RUNNING. Trials write no pipeline outputs and register no model: the
-command prints, for the best trial of the whole study, the `dvc exp run` that trains it as a DVC
-experiment (training is deterministic, so that reproduces the trial's figures).
-
-**Choices made here:**
-- The objective is the last epoch's validation accuracy, the figure the train stage reports; the test
-  set is never read.
-- Pruning: the median rule (after 5 trials, from a third of the epochs on, a trial whose validation
-  accuracy is below the median of earlier trials at the same epoch stops).
-- Sampling: TPE with the "constant liar" (running trials of other workers count as bad, so concurrent
-  workers do not crowd the same region). The random draws of trial n are seeded from `--seed`, the
-  study's name and n: trial numbers are unique across workers, so two workers never draw identical
-  sequences (one seed for all would make simultaneous workers sample the same parameters), two studies
-  do not start from the same points, and re-running a study from scratch with one worker reproduces
-  its parameters.
-- A trial that fails for a reason of its own (it diverges, an invalid combination of sampled values,
-  too large for memory) is recorded as FAIL and the study goes on; a store that fails stops the worker.
-- Optuna's own log is limited to errors: at warning level it prints a traceback for every failed trial;
-  the per-trial line of this command says why instead.
+The search space (`recipes/search_space.yaml`) names the params.yaml keys a study varies and the values
+it holds fixed; `--set` pins a key. Everything is checked against params.yaml's schema before any trial.
+Workers (processes, on one machine or many) share a study through Optuna's RDBStorage (`--storage`,
+`OPTUNA_STORAGE`, else `optuna.db` at the repository root): unique trial numbers, resumable studies, and
+the trials of a dead worker failed by the next one through heartbeats. MLflow gets one parent run per
+study and a child run `STUDY/trial-N` per trial (params, per-epoch curves, state); trials register no
+model and write no pipeline outputs. The objective is the last epoch's validation accuracy; the test
+set is never read. Trial n samples from a seed made of `--seed`, the study and n, so workers never draw
+the same values and a one-worker study reproduces. README "Search: mnist-tune" says why this storage.
 """
 
 from __future__ import annotations
