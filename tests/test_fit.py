@@ -56,15 +56,23 @@ def data() -> tuple[Split, Split]:
     return blobs(1_030, seed=1), blobs(200, seed=2)  # 1030 / 50 -> 20 batches of 51 or 52 rows
 
 
-def test_training_learns_small_data(data: tuple[Split, Split]) -> None:
-    _, results = train_weights(TRAIN, *data)
+@pytest.fixture(scope="module")
+def baseline(data: tuple[Split, Split]) -> tuple[list[np.ndarray], list[EpochResult]]:
+    """One training with TRAIN, shared by the tests that learn from it or compare against it."""
+    return train_weights(TRAIN, *data)
+
+
+def test_training_learns_small_data(baseline: tuple[list[np.ndarray], list[EpochResult]]) -> None:
+    _, results = baseline
     assert [r.epoch for r in results] == [1, 2, 3]
     assert results[-1].train_loss < results[0].train_loss
     assert results[-1].val_accuracy > 0.9  # chance is 0.1
 
 
-def test_same_seed_gives_bit_identical_weights(data: tuple[Split, Split]) -> None:
-    first, first_results = train_weights(TRAIN, *data)
+def test_same_seed_gives_bit_identical_weights(
+    data: tuple[Split, Split], baseline: tuple[list[np.ndarray], list[EpochResult]]
+) -> None:
+    first, first_results = baseline
     second, second_results = train_weights(TRAIN, *data)
     assert len(first) == len(second) == 14  # 3 dense x (kernel, bias) + 2 batch norms x (gamma, beta, mean, var)
     for a, b in zip(first, second, strict=True):
@@ -72,14 +80,17 @@ def test_same_seed_gives_bit_identical_weights(data: tuple[Split, Split]) -> Non
     assert first_results == second_results
 
 
-def test_different_seed_gives_different_weights(data: tuple[Split, Split]) -> None:
-    first, _ = train_weights(TRAIN, *data)
+def test_different_seed_gives_different_weights(
+    data: tuple[Split, Split], baseline: tuple[list[np.ndarray], list[EpochResult]]
+) -> None:
     other, _ = train_weights(TRAIN.model_copy(update={"seed": 8}), *data)
-    assert any(a.tobytes() != b.tobytes() for a, b in zip(first, other, strict=True))
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(baseline[0], other, strict=True))
 
 
-def test_batch_norm_moving_averages_are_updated_by_training(data: tuple[Split, Split]) -> None:
-    weights, _ = train_weights(TRAIN.model_copy(update={"epochs": 1}), *data)
+def test_batch_norm_moving_averages_are_updated_by_training(
+    baseline: tuple[list[np.ndarray], list[EpochResult]],
+) -> None:
+    weights, _ = baseline
     moving_mean, moving_var = weights[4], weights[5]  # hidden1 kernel, bias, bn1 gamma, beta, mean, var
     assert np.abs(moving_mean).max() > 0
     assert not np.allclose(moving_var, 1.0)
@@ -94,6 +105,7 @@ MODERN = TRAIN.model_copy(
         "warmup_epochs": 1,
         "label_smoothing": 0.1,
         "shift_pixels": 2,
+        "epochs": 2,
     }
 )
 
@@ -104,7 +116,7 @@ def test_modern_recipe_learns_and_is_deterministic(data: tuple[Split, Split]) ->
     second, again = train_weights(MODERN, *data, model=dropout)
     assert results == again
     assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
-    assert results[-1].val_accuracy > 0.6  # chance is 0.1; shifts blur these non-spatial blobs
+    assert results[-1].val_accuracy > 0.5  # chance is 0.1; shifts blur these non-spatial blobs
 
 
 @pytest.mark.parametrize(
@@ -116,16 +128,18 @@ def test_modern_recipe_learns_and_is_deterministic(data: tuple[Split, Split]) ->
     ],
     ids=["nesterov", "rmsprop", "adam"],
 )
+@pytest.mark.e2e  # three more trainings: in the full run, not the inner loop
 def test_every_optimizer_learns(data: tuple[Split, Split], update: dict[str, object]) -> None:
     _, results = train_weights(TRAIN.model_copy(update=update), *data)
     assert results[-1].val_accuracy > 0.9
 
 
-def test_each_knob_changes_the_result(data: tuple[Split, Split]) -> None:
-    base, _ = train_weights(TRAIN.model_copy(update={"epochs": 1}), *data)
+def test_each_knob_changes_the_result(
+    data: tuple[Split, Split], baseline: tuple[list[np.ndarray], list[EpochResult]]
+) -> None:
     for update in ({"label_smoothing": 0.1}, {"shift_pixels": 1}, {"schedule": "cosine"}, {"weight_decay": 0.01}):
-        changed, _ = train_weights(TRAIN.model_copy(update={"epochs": 1, **update}), *data)
-        assert any(a.tobytes() != b.tobytes() for a, b in zip(base, changed, strict=True)), update
+        changed, _ = train_weights(TRAIN.model_copy(update=update), *data)
+        assert any(a.tobytes() != b.tobytes() for a, b in zip(baseline[0], changed, strict=True)), update
 
 
 def test_shift_moves_pixels_and_fills_with_black() -> None:

@@ -129,6 +129,7 @@ def test_shared_object_ids_are_numbered_in_order_not_by_address() -> None:
     }
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_a_model_saved_by_two_processes_is_the_same_archive(tmp_path: Path) -> None:
     """Object addresses differ between processes; the saved archive must not."""
     import subprocess

@@ -242,6 +242,7 @@ def test_cli_missing_file_and_bad_command_line(cli_env: dict[str, str], tmp_path
     assert_one_error_line(cli(REPO / "README.md", env=cli_env), "not an image")
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_model_errors(cli_env: dict[str, str], tmp_path: Path) -> None:
     image = write_one(tmp_path / "digit.png")
     assert_one_error_line(cli(image, "--model", tmp_path / "none.keras", env=cli_env), "none.keras does not exist")
@@ -253,6 +254,7 @@ def test_cli_model_errors(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert_one_error_line(dead, "is unreachable")
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_no_registered_model(cli_env: dict[str, str], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -278,6 +280,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_classifies_real_digits_in_both_polarities(
     trained_model: Path, test_digits: tuple[np.ndarray, np.ndarray], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -297,6 +300,7 @@ def test_cli_classifies_real_digits_in_both_polarities(
         assert (predicted[:, column] == labels).sum() >= 8, predicted[:, column]
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_classifies_the_good_files_and_reports_each_bad_one(
     trained_model: Path, test_digits: tuple[np.ndarray, np.ndarray], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -320,6 +324,7 @@ def test_cli_classifies_the_good_files_and_reports_each_bad_one(
     ]
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_one_good_one_bad(trained_model: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
     good = write_one(tmp_path / "one.png")
     done = cli(good, tmp_path / "nope.png", "--model", trained_model, env=cli_env)

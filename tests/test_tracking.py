@@ -300,6 +300,7 @@ def test_every_run_names_its_process_also_when_resumed(store: str) -> None:
     assert run_status(run_id) == "FINISHED"
 
 
+@pytest.mark.e2e  # runs the real command in a process of its own
 def test_run_killed_with_sigkill_is_ended_by_the_next_run(store: str) -> None:
     """A real training process killed with kill -9 leaves its run RUNNING; the next `tracking.run` ends it."""
     tracking.connect()  # this process reads the test's store too
