@@ -45,6 +45,11 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
+def report(error: PipelineError) -> None:
+    """One `error:` line on stderr: how every command states a problem the user can fix."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's `main`, turning expected failures into one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -54,7 +59,7 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); outputs written before were left as they were.", file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tracking
-from pipeline.errors import DataError, PipelineError, TrackingError, run_stage
+from pipeline.errors import DataError, PipelineError, TrackingError, report, run_stage
 
 DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
 SIDE = 28  # the MNIST canvas
@@ -210,11 +210,6 @@ def classify(
     if probabilities.shape != (len(readable), 10):
         raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
-
-
-def report(error: PipelineError) -> None:
-    """One `error:` line on stderr, as `run_stage` prints the error that ends a stage."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):

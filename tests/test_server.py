@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,10 @@ def env() -> dict[str, str]:
     return venv_env()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
-    """A real tracking server on 127.0.0.1: its URL and its artifact folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def mlflow_server(root: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`): its URL,
+    reachable from this process too while the block runs; stopped at the end."""
     url = f"http://127.0.0.1:{free_port()}"
     process = Process(
         [
@@ -101,9 +102,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Ite
         process.wait_until_up(f"{url}/health", timeout=120)
         with pytest.MonkeyPatch.context() as patch:  # this process talks to the server too: no proxy
             patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-            yield url, root / "artifacts"
+            yield url
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """A real tracking server on 127.0.0.1: its URL and its artifact folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with mlflow_server(root, env) as url:
+        yield url, root / "artifacts"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from workspace import REPO, clone, free_port, sh, venv_env
+from workspace import REPO, clone, sh, venv_env
 
 from pipeline.config import SEARCH_SPACE_FILE, load_params
 from pipeline.errors import ConfigError
@@ -249,45 +249,17 @@ def test_differences_are_what_params_yaml_lacks() -> None:
 
 STUDY = "s"
 QUICK_SET = ["--set", "train.epochs=2", "--set", "model.hidden_units=[64,32]"]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
 def tune_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real `mlflow server` on 127.0.0.1 and a shared SQLite Optuna storage, as the workers' environment."""
-    from test_server import Process
+    from test_server import mlflow_server
 
     root = tmp_path_factory.mktemp("tune-server")
     env = venv_env()
-    port = free_port()
-    server = Process(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'srv.db'}",
-            "--artifacts-destination",
-            str(root / "art"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        root / "server.log",
-        env,
-    )
-    try:
-        server.wait_until_up(f"http://127.0.0.1:{port}/health", timeout=120)
-        with pytest.MonkeyPatch.context() as patch:  # this process talks to the server too: no proxy
-            patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-            yield env | {
-                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-                "OPTUNA_STORAGE": f"sqlite:///{root}/optuna.db",
-            }
-    finally:
-        server.stop()
+    with mlflow_server(root, env) as url:
+        yield env | {"MLFLOW_TRACKING_URI": url, "OPTUNA_STORAGE": f"sqlite:///{root}/optuna.db"}
 
 
 @pytest.fixture(scope="module")
@@ -465,20 +437,24 @@ def test_the_trial_of_a_killed_worker_is_failed_by_the_next(workspace: Path, tun
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
 
 
+def tune_in(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`mnist-tune --study s --trials 1` run in `folder` with this repository's code."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1", *extra],
+        cwd=folder,
+        env=venv_env() | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_missing_data_is_one_line(tmp_path: Path) -> None:
     shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "recipes").mkdir()
     shutil.copy2(REPO / SEARCH_SPACE_FILE, tmp_path / SEARCH_SPACE_FILE)
-    env = venv_env() | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = tune_in(tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: data/prepared/train.npz is missing; run `dvc repro prepare` to create it."
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
@@ -487,15 +463,7 @@ def test_missing_data_is_one_line(tmp_path: Path) -> None:
 def test_a_bad_space_file_is_one_line(tmp_path: Path) -> None:
     shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
     space_file(tmp_path, {"space": {"train.learning_rat": {"low": 0.001, "high": 0.1}}})
-    env = venv_env() | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1", "--space", "space.yaml"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = tune_in(tmp_path, "--space", "space.yaml")
     assert done.returncode == 1
     assert (
         done.stderr
