@@ -1,12 +1,18 @@
-"""Shared fixtures: the repository root, and real local HTTPS servers trusted by `requests`."""
+"""Shared fixtures: the repository root, real local HTTPS servers trusted by `requests`; and quick XLA
+compilation for the trainings the tests run in their own process."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from https_server import Certificate, HTTPSServer, make_certificate
+from workspace import FAST_COMPILE
+
+# set before TensorFlow is imported; see workspace.FAST_COMPILE
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

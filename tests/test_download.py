@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -50,11 +51,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def assert_complete_outputs(out_dir: Path) -> None:
-    """The four files, each with the SHA-256 of SHA256SUMS, and nothing else (no temporary files)."""
+def assert_complete_outputs(out_dir: Path, sums: dict[str, str] = SUMS) -> None:
+    """The four files, each with its SHA-256 (of SHA256SUMS by default), and nothing else (no temporary files)."""
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(MNIST_FILES)
     for name in MNIST_FILES:
-        assert sha256(out_dir / name) == SUMS[name], name
+        assert sha256(out_dir / name) == sums[name], name
 
 
 def stray_files(out_dir: Path) -> list[str]:
@@ -71,7 +72,7 @@ def mirror(start: StartServer, reply: Callable[[str], Reply] | None = None, pref
 
 
 def good(name: str) -> Reply:
-    return Reply(GZ[name], content_type="application/gzip")
+    return Reply(STAND_IN[name], content_type="application/gzip")
 
 
 # --- checksums and verification -----------------------------------------------------------------
@@ -208,26 +209,46 @@ def test_the_stage_runs_offline_end_to_end(tmp_path: Path) -> None:
 
 
 # --- real HTTPS mirrors -------------------------------------------------------------------------
+# Served with four small stand-ins for the MNIST files (incompressible, 20 kB each): how sources are
+# tried does not depend on what the files hold, and hashing the real 55 MB four times per test would
+# take most of each test's time. The tests above and the stage's own test use the real files.
+
+STAND_IN = {
+    name: gzip.compress(np.random.default_rng(number).bytes(20_000), mtime=0) for number, name in enumerate(MNIST_FILES)
+}
+STAND_IN_SUMS = {name: hashlib.sha256(gzip.decompress(compressed)).hexdigest() for name, compressed in STAND_IN.items()}
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local folder holding the stand-in `.gz` files, as data/offline/ holds the real ones."""
+    folder = tmp_path_factory.mktemp("stand-ins")
+    for name, compressed in STAND_IN.items():
+        (folder / f"{name}.gz").write_bytes(compressed)
+    return folder
 
 
 def test_good_mirror_serves_all_four_files_identical_to_offline(
-    tmp_path: Path, https_server: StartServer, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    https_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    stand_ins: Path,
 ) -> None:
     """The first source that works is used for every file, and the outputs do not depend on which it was."""
     caplog.set_level(logging.INFO, logger="pipeline.download")
     server = mirror(https_server, good)
     url = server.url("/mnist/")
 
-    download_all(download_params(OFFLINE), tmp_path / "offline", SUMS)
+    download_all(download_params(stand_ins), tmp_path / "offline", STAND_IN_SUMS)
     caplog.clear()
-    served = download_all(download_params(url, OFFLINE), tmp_path / "mirror", SUMS)
+    served = download_all(download_params(url, stand_ins), tmp_path / "mirror", STAND_IN_SUMS)
 
     assert served == dict.fromkeys(MNIST_FILES, url)
     assert server.requests == [f"/mnist/{name}.gz" for name in MNIST_FILES]
     served_lines = [message for message in caplog.messages if "served by" in message]
     assert [line.split(":", 1)[0] for line in served_lines] == list(MNIST_FILES)
     assert all(f"served by {url} " in line for line in served_lines)
-    assert_complete_outputs(tmp_path / "mirror")
+    assert_complete_outputs(tmp_path / "mirror", STAND_IN_SUMS)
     for name in MNIST_FILES:
         assert (tmp_path / "mirror" / name).read_bytes() == (tmp_path / "offline" / name).read_bytes()
 
@@ -235,7 +256,7 @@ def test_good_mirror_serves_all_four_files_identical_to_offline(
 def test_base_url_without_trailing_slash(tmp_path: Path, https_server: StartServer) -> None:
     """`https://host/mnist` and `https://host/mnist/` name the same folder."""
     server = mirror(https_server, good)
-    served = download_all(download_params(server.url("/mnist")), tmp_path, SUMS)
+    served = download_all(download_params(server.url("/mnist")), tmp_path, STAND_IN_SUMS)
     assert set(served.values()) == {server.url("/mnist")}
     assert server.requests == [f"/mnist/{name}.gz" for name in MNIST_FILES]
 
@@ -249,7 +270,9 @@ def _swapped(name: str) -> Reply:
     ("reply", "reason"),
     [
         pytest.param(lambda name: Reply(HTML, content_type="text/html"), "not a valid gzip", id="html-200"),
-        pytest.param(lambda name: Reply(GZ[name][: len(GZ[name]) // 2]), "not a valid gzip", id="truncated-gzip"),
+        pytest.param(
+            lambda name: Reply(STAND_IN[name][: len(STAND_IN[name]) // 2]), "not a valid gzip", id="truncated-gzip"
+        ),
         pytest.param(_swapped, "wrong content", id="wrong-bytes"),
         pytest.param(None, "HTTP 404", id="not-found"),
         pytest.param(lambda name: Reply(b"oops", status=500, content_type="text/plain"), "HTTP 500", id="server-error"),
@@ -261,16 +284,19 @@ def test_mirror_answering_wrongly_falls_over_to_the_next_mirror(
     caplog: pytest.LogCaptureFixture,
     reply: Callable[[str], Reply] | None,
     reason: str,
+    stand_ins: Path,
 ) -> None:
     """A mirror that answers, but badly, is skipped for that file only (it may have the next one)."""
     caplog.set_level(logging.INFO, logger="pipeline.download")
     bad = mirror(https_server, reply)
     backup = mirror(https_server, good)
 
-    served = download_all(download_params(bad.url("/mnist/"), backup.url("/mnist/"), OFFLINE), tmp_path, SUMS)
+    served = download_all(
+        download_params(bad.url("/mnist/"), backup.url("/mnist/"), stand_ins), tmp_path, STAND_IN_SUMS
+    )
 
     assert served == dict.fromkeys(MNIST_FILES, backup.url("/mnist/"))
-    assert_complete_outputs(tmp_path)
+    assert_complete_outputs(tmp_path, STAND_IN_SUMS)
     assert bad.requests == [f"/mnist/{name}.gz" for name in MNIST_FILES]  # tried once per file, not marked down
     failures = [message for message in caplog.messages if "failed" in message]
     assert len(failures) == 4
@@ -278,18 +304,21 @@ def test_mirror_answering_wrongly_falls_over_to_the_next_mirror(
 
 
 def test_slow_mirror_times_out_once_and_is_skipped_afterwards(
-    tmp_path: Path, https_server: StartServer, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    https_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    stand_ins: Path,
 ) -> None:
     """A mirror that never answers costs one timeout, not one per file."""
     caplog.set_level(logging.INFO, logger="pipeline.download")
-    slow = mirror(https_server, lambda name: Reply(GZ[name], delay=5))
+    slow = mirror(https_server, lambda name: Reply(STAND_IN[name], delay=5))
 
     started = time.monotonic()
-    served = download_all(download_params(slow.url("/mnist/"), OFFLINE, timeout=0.5), tmp_path, SUMS)
+    served = download_all(download_params(slow.url("/mnist/"), stand_ins, timeout=0.5), tmp_path, STAND_IN_SUMS)
     elapsed = time.monotonic() - started
 
-    assert served == dict.fromkeys(MNIST_FILES, str(OFFLINE))
-    assert_complete_outputs(tmp_path)
+    assert served == dict.fromkeys(MNIST_FILES, str(stand_ins))
+    assert_complete_outputs(tmp_path, STAND_IN_SUMS)
     assert slow.requests == [f"/mnist/{MNIST_FILES[0]}.gz"]
     assert [m for m in caplog.messages if "unreachable" in m] == [
         f"{MNIST_FILES[0]}: {slow.url('/mnist/')} is unreachable (timed out); trying the next source"
@@ -298,7 +327,10 @@ def test_slow_mirror_times_out_once_and_is_skipped_afterwards(
 
 
 def test_dead_mirror_is_tried_once_then_skipped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    stand_ins: Path,
 ) -> None:
     """Nothing listening on the port: refused at once, and not retried for the three other files."""
     caplog.set_level(logging.INFO, logger="pipeline.download")
@@ -307,11 +339,11 @@ def test_dead_mirror_is_tried_once_then_skipped(
     with closed_port() as port:
         dead = f"https://127.0.0.1:{port}/mnist/"
         started = time.monotonic()
-        served = download_all(download_params(dead, OFFLINE, timeout=2), tmp_path, SUMS)
+        served = download_all(download_params(dead, stand_ins, timeout=2), tmp_path, STAND_IN_SUMS)
         elapsed = time.monotonic() - started
 
-    assert served == dict.fromkeys(MNIST_FILES, str(OFFLINE))
-    assert_complete_outputs(tmp_path)
+    assert served == dict.fromkeys(MNIST_FILES, str(stand_ins))
+    assert_complete_outputs(tmp_path, STAND_IN_SUMS)
     unreachable = [m for m in caplog.messages if "unreachable" in m]
     assert unreachable == [f"{MNIST_FILES[0]}: {dead} is unreachable (connection refused); trying the next source"]
     assert elapsed < 5
@@ -324,7 +356,7 @@ def test_dead_mirror_is_listed_as_skipped_when_a_later_file_fails(tmp_path: Path
     with closed_port() as port:
         dead = f"https://127.0.0.1:{port}/mnist/"
         with pytest.raises(DataError) as caught:
-            download_all(download_params(dead, partial.url("/mnist/")), tmp_path, SUMS)
+            download_all(download_params(dead, partial.url("/mnist/")), tmp_path, STAND_IN_SUMS)
 
     message = str(caught.value)
     assert message.startswith(f"no source could provide {MNIST_FILES[1]}: ")
@@ -335,14 +367,17 @@ def test_dead_mirror_is_listed_as_skipped_when_a_later_file_fails(tmp_path: Path
 
 
 def test_untrusted_certificate_is_not_accepted(
-    tmp_path: Path, https_server: StartServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    https_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    stand_ins: Path,
 ) -> None:
     """TLS verification is on: a mirror whose certificate is not trusted is not used, even with the right files."""
     server = mirror(https_server, good)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())  # the public CAs only, not our own
-    served = download_all(download_params(server.url("/mnist/"), OFFLINE), tmp_path, SUMS)
-    assert served == dict.fromkeys(MNIST_FILES, str(OFFLINE))
-    assert_complete_outputs(tmp_path)
+    served = download_all(download_params(server.url("/mnist/"), stand_ins), tmp_path, STAND_IN_SUMS)
+    assert served == dict.fromkeys(MNIST_FILES, str(stand_ins))
+    assert_complete_outputs(tmp_path, STAND_IN_SUMS)
 
 
 def test_size_cap_applies_to_the_download_itself(https_server: StartServer) -> None:
@@ -357,10 +392,10 @@ def test_size_cap_applies_to_the_download_itself(https_server: StartServer) -> N
 def test_every_source_failing_lists_each_with_its_reason(tmp_path: Path, https_server: StartServer) -> None:
     """When nothing works, one DataError says what every source did, and no file is left behind."""
     html = mirror(https_server, lambda name: Reply(HTML, content_type="text/html"))
-    truncated = mirror(https_server, lambda name: Reply(GZ[name][:1000]))
+    truncated = mirror(https_server, lambda name: Reply(STAND_IN[name][:1000]))
     wrong = mirror(https_server, _swapped)
     missing = mirror(https_server, None)
-    slow = mirror(https_server, lambda name: Reply(GZ[name], delay=5))
+    slow = mirror(https_server, lambda name: Reply(STAND_IN[name], delay=5))
     empty_folder = tmp_path / "empty"
     empty_folder.mkdir()
     out_dir = tmp_path / "raw"
@@ -372,7 +407,7 @@ def test_every_source_failing_lists_each_with_its_reason(tmp_path: Path, https_s
         sources += [missing.url("/mnist/"), slow.url("/mnist/"), str(empty_folder)]
         started = time.monotonic()
         with pytest.raises(DataError) as caught:
-            download_all(download_params(*sources, timeout=0.5), out_dir, SUMS)
+            download_all(download_params(*sources, timeout=0.5), out_dir, STAND_IN_SUMS)
         elapsed = time.monotonic() - started
 
     message = str(caught.value)
@@ -396,14 +431,14 @@ def test_every_source_failing_lists_each_with_its_reason(tmp_path: Path, https_s
 
 def test_existing_output_is_untouched_when_every_source_fails(tmp_path: Path, https_server: StartServer) -> None:
     """A failed run keeps the previous (good) output instead of truncating or half-replacing it."""
-    broken = mirror(https_server, lambda name: Reply(GZ[name][: len(GZ[name]) // 2]))
+    broken = mirror(https_server, lambda name: Reply(STAND_IN[name][: len(STAND_IN[name]) // 2]))
     out_dir = tmp_path / "raw"
     out_dir.mkdir()
     previous = out_dir / MNIST_FILES[0]
     previous.write_bytes(b"the output of an earlier, successful run")
 
     with pytest.raises(DataError):
-        download_all(download_params(broken.url("/mnist/"), tmp_path / "nowhere"), out_dir, SUMS)
+        download_all(download_params(broken.url("/mnist/"), tmp_path / "nowhere"), out_dir, STAND_IN_SUMS)
 
     assert previous.read_bytes() == b"the output of an earlier, successful run"
     assert [p.name for p in out_dir.iterdir()] == [MNIST_FILES[0]]

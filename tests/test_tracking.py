@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,10 +24,21 @@ from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
+    of MLflow's schema migrations) takes most of a second."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite store of its own for each test."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite store of its own for each test: a copy of the empty one."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -105,7 +117,7 @@ def web_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[
                 pass
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 
