@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+XLA_CACHE_DIR = Path(".cache/xla")  # compiled training epochs (pipeline/runtime.py); never an output
 
 # Every file a stage reads or writes, relative to the repository root (where DVC runs the stages).
 # dvc.yaml declares the same paths; tests/test_config.py checks that the two agree.

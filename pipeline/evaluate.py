@@ -78,10 +78,8 @@ def assess(test: io.Split, probabilities: np.ndarray) -> tuple[dict[str, Any], d
 
 def evaluate() -> dict[str, float]:
     """Score the model, log into its training run, then replace the stage's outputs together."""
-    with timing.phase("import MLflow"):
-        import mlflow
+    from pipeline import model, tracking
 
-        from pipeline import model, tracking
     run_id = io.read_json(TRAIN_METRICS, "train").get("mlflow_run_id")
     if not run_id:
         raise DataError(f"{TRAIN_METRICS} names no MLflow run; run `dvc repro -f train`.")
@@ -94,6 +92,8 @@ def evaluate() -> dict[str, float]:
         if not np.isfinite(probabilities).all():
             raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
         result, files = assess(test, probabilities)
+    with timing.phase("import MLflow"):  # after TensorFlow: see runtime.import_tensorflow
+        import mlflow
     scalars = {key: value for key, value in result.items() if isinstance(value, float)}
     log.info(
         "test accuracy %.4f, macro F1 %.4f, log loss %.4f",

@@ -11,6 +11,7 @@ the loop looks as it does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import timing
+from pipeline import quiet, timing
 from pipeline.config import ModelParams, TrainParams
 from pipeline.errors import DivergedError
 from pipeline.io import ALIGNMENT, Split
@@ -252,7 +253,9 @@ def fit(
     seconds = 0.0
     for epoch in range(1, train_params.epochs + 1):
         started = time.perf_counter()
-        result = trainer.run_epoch(epoch)
+        # the first call compiles the epoch or loads it from runtime's XLA cache: C++ noise on stderr
+        with quiet.filtered_stderr() if epoch == 1 else contextlib.nullcontext():
+            result = trainer.run_epoch(epoch)
         elapsed = time.perf_counter() - started
         seconds += elapsed
         timing.record("first epoch (with XLA compilation)" if epoch == 1 else "other epochs", elapsed)

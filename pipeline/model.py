@@ -131,9 +131,9 @@ def load(path: Path = MODEL_FILE) -> keras.Model:
     """Load a model saved by `train` in Keras' safe mode: stored code (lambdas) is never executed."""
     if not path.is_file():
         raise DataError(f"{path} does not exist; run `dvc repro train` to train the model.")
-    from pipeline import quiet
+    from pipeline import runtime
 
-    quiet.import_tensorflow()
+    runtime.import_tensorflow()
     import keras
 
     try:

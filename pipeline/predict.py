@@ -135,9 +135,9 @@ def load_image(path: Path) -> np.ndarray:
 
 def _quiet_keras() -> None:
     """TensorFlow's start-up noise filtered; Keras' progress bars would mix into the results on stdout."""
-    from pipeline import quiet
+    from pipeline import runtime
 
-    quiet.import_tensorflow()
+    runtime.import_tensorflow()
     import keras
 
     keras.utils.disable_interactive_logging()

@@ -25,6 +25,8 @@ _NOISE = re.compile(
     r"This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate compiler flags|"
     r"cpu_feature_guard\.cc|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
     r"use_unbounded_threadpool|"
+    # a cache entry is tried as text before binary; the binary form is the one XLA's cache writes
+    r"Error parsing text-format tensorflow\.XlaSerializedCacheEntry|"
     # MLflow's registry chatter; the train stage prints its own line naming the version
     r"Successfully registered model|Registered model '.*' already exists|Created version '"
 )
@@ -51,14 +53,6 @@ def filtered_stderr() -> Iterator[None]:
             kept = [line for line in text.splitlines() if not _NOISE.search(line)]
             if kept:
                 print("\n".join(kept), file=sys.stderr, flush=True)
-
-
-def import_tensorflow() -> None:
-    """`import tensorflow` and its device set-up (where cuInit fails), without their known noise."""
-    with filtered_stderr():
-        import tensorflow
-
-        tensorflow.config.list_logical_devices()  # initialises the runtime, as the first op would
 
 
 def configure_logging() -> None:

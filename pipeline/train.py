@@ -79,10 +79,11 @@ def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
     check_fits_in_memory(params.model, params.train.batch_size)  # before the slow imports and any run
     with timing.phase("import TensorFlow and MLflow"):
-        quiet.import_tensorflow()  # first, so that its start-up noise is filtered
-        import mlflow  # noqa: F401  (here, so that the phases below time work, not imports)
+        from pipeline import model, plots, runtime, tracking
 
-        from pipeline import model, plots, tracking
+        root = tracking.project_root()
+        runtime.import_tensorflow(root)  # first, so that its start-up noise is filtered
+        import mlflow  # noqa: F401  (here, so that the phases below time work, not imports)
     with timing.phase("load data, lineage tags"):
         data_files = {split: prepared_file(split) for split in ("train", "validation")}
         train_set, validation = (io.load_split(path) for path in data_files.values())
@@ -95,7 +96,7 @@ def train(params: Params) -> Fitted:
             out = stack.enter_context(io.staged_outputs())
             tracking.log_params(params.flat())
             tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
-        with progress(params.train.epochs) as report:
+        with progress(params.train.epochs) as report, runtime.cache_errors_explained():
             fitted = fit(params.model, params.train, train_set, validation, on_epoch=report)
         log.info(
             "trained %d epochs in %.2f s: val_accuracy %.4f",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
-from pipeline import io, quiet, recipe, tracking
+from pipeline import io, quiet, recipe, runtime, tracking
 from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, Params, load_params, prepared_file, read_yaml
 from pipeline.errors import (
     ConfigError,
@@ -802,7 +802,7 @@ def main(argv: Sequence[str]) -> None:
     tags = {key: value for key, value in lineage.items() if key != "params_md5"}  # a trial is not params.yaml
     tags["optuna.storage"] = shown_url(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags)
-    quiet.import_tensorflow()  # before the first trial, so that its start-up noise is filtered
+    runtime.import_tensorflow(tracking.project_root())  # before the first trial: its noise filtered, the cache on
     objective = make_objective(shared, base, space, train, validation, tags)
     mine: list[FrozenTrial] = []
     try:

@@ -392,3 +392,24 @@ def test_killed_repro_recovers_on_the_next_run(repo: Path) -> None:
     sh("dvc", "repro", cwd=repo, env=ENV)
     assert "Running stage" not in sh("dvc", "repro", cwd=repo, env=ENV).stdout
     assert sh("dvc", "status", cwd=repo, env=ENV).stdout.strip().endswith("up to date.")
+
+
+# --- the XLA compilation cache ------------------------------------------------------------------------
+
+
+def test_damaged_xla_cache_entry_is_one_line_and_cleared(repo: Path) -> None:
+    """The trainings before left their compiled epochs in .cache/xla/; cut them short, as a disk error
+    might: one line, nothing touched, the cache cleared, and the next run compiles afresh."""
+    entries = list((repo / ".cache" / "xla").glob("*/*.pb"))
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:5000])
+    before = snapshot(repo)
+    done = run(sys.executable, "-m", "pipeline.train", cwd=repo)
+    new = assert_failed_cleanly(
+        repo, before, done.returncode, done.stderr, "XLA compilation cache", "run the command again"
+    )
+    assert [r.info.status for r in new] == ["FAILED"]
+    assert not entries[0].parent.exists()
+    sh(sys.executable, "-m", "pipeline.train", cwd=repo, env=ENV)
+    assert len(list(entries[0].parent.glob("*.pb"))) == 1
