@@ -258,7 +258,7 @@ def fit(
             result = trainer.run_epoch(epoch)
         elapsed = time.perf_counter() - started
         seconds += elapsed
-        timing.record("first epoch (with XLA compilation)" if epoch == 1 else "other epochs", elapsed)
+        timing.record("first epoch (XLA compilation or its cache)" if epoch == 1 else "other epochs", elapsed)
         check_finite(result, train_params)
         history.append(result)
         if on_epoch:
