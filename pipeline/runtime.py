@@ -22,13 +22,17 @@ from pathlib import Path
 
 from pipeline import quiet
 from pipeline.config import XLA_CACHE_DIR
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ResourceError
 
 # Keras imports these at start-up only for integrations the pipeline never uses (DataFrame inputs,
 # image galleries, scikit-learn wrappers), each inside `try: ... except ImportError`. Hidden while
 # TensorFlow and Keras import, they cost neither time nor memory there; the pipeline's own imports
 # of them later work as usual.
 _KERAS_EXTRAS = ("pandas", "sklearn", "matplotlib")
+
+# TensorFlow fails the compilation itself when it cannot write a cache entry (a few MB at most), so the
+# cache is used only where its disk has room to spare.
+_MIN_FREE_BYTES = 64 * 1024 * 1024
 
 _cache: list[Path] = []  # the folder this process's XLA cache was set to, if any
 
@@ -39,6 +43,12 @@ def xla_cache_dir(root: Path) -> Path:
     flags = os.environ.get("XLA_FLAGS", "") + "|" + os.environ.get("TF_XLA_FLAGS", "")
     digest = hashlib.sha256(f"{cpu}|{flags}".encode()).hexdigest()[:12]
     return root / XLA_CACHE_DIR / f"tensorflow-{version('tensorflow')}-{digest}"
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds (or will hold) `folder`."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    return shutil.disk_usage(existing).free
 
 
 @contextlib.contextmanager
@@ -57,11 +67,11 @@ def _hidden(modules: tuple[str, ...]) -> Iterator[None]:
 
 def import_tensorflow(cache_root: Path | None = None) -> None:
     """Import TensorFlow and Keras and set up the devices, without their known noise; with
-    `cache_root`, compiled XLA programs persist in `xla_cache_dir(cache_root)`."""
+    `cache_root`, compiled XLA programs persist in `xla_cache_dir(cache_root)` if its disk has room."""
     if "tensorflow" in sys.modules:
         return
-    if cache_root is not None:
-        _cache.append(xla_cache_dir(cache_root))
+    if cache_root is not None and _free_bytes(folder := xla_cache_dir(cache_root)) >= _MIN_FREE_BYTES:
+        _cache.append(folder)
         os.environ["TF_XLA_FLAGS"] = (
             f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_cache[0]}"
         ).strip()
@@ -74,7 +84,8 @@ def import_tensorflow(cache_root: Path | None = None) -> None:
 
 @contextlib.contextmanager
 def cache_errors_explained() -> Iterator[None]:
-    """A damaged cache entry makes TensorFlow fail where it loads it; clear the cache and say so."""
+    """A damaged cache entry, or a disk that filled up while an entry was written, makes TensorFlow fail
+    the first epoch; clear the cache and say which it was."""
     import tensorflow as tf
 
     try:
@@ -84,6 +95,11 @@ def cache_errors_explained() -> Iterator[None]:
             raise
         folder = _cache[0]
         shutil.rmtree(folder, ignore_errors=True)
+        if "No space left on device" in (error.message or ""):
+            raise ResourceError(
+                f"no space left on the device to write the XLA compilation cache in {folder}; free some "
+                "space and run the command again (the cache has been cleared)."
+            ) from None
         reason = error.message.splitlines()[0] if error.message else type(error).__name__
         raise PipelineError(
             f"TensorFlow could not run the compiled training ({reason}); the XLA compilation cache it "
