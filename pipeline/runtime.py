@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Iterator
@@ -39,7 +40,11 @@ _cache: list[Path] = []  # the folder this process's XLA cache was set to, if an
 
 def xla_cache_dir(root: Path) -> Path:
     """The cache folder for this TensorFlow, this CPU and these XLA flags, under `root`."""
-    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: the machine's name and processor, as Python knows them
+        lines = [f"flags {platform.machine()} {platform.processor()}"]
+    cpu = next((line for line in lines if line.startswith("flags")), "")
     flags = os.environ.get("XLA_FLAGS", "") + "|" + os.environ.get("TF_XLA_FLAGS", "")
     digest = hashlib.sha256(f"{cpu}|{flags}".encode()).hexdigest()[:12]
     return root / XLA_CACHE_DIR / f"tensorflow-{version('tensorflow')}-{digest}"
