@@ -35,7 +35,7 @@ _KERAS_EXTRAS = ("pandas", "sklearn", "matplotlib")
 # cache is used only where its disk has room to spare.
 _MIN_FREE_BYTES = 64 * 1024 * 1024
 
-_cache: list[Path] = []  # the folder this process's XLA cache was set to, if any
+_cache_dir: Path | None = None  # the folder this process's XLA cache was set to, if any
 
 
 def xla_cache_dir(root: Path) -> Path:
@@ -73,12 +73,13 @@ def _hidden(modules: tuple[str, ...]) -> Iterator[None]:
 def import_tensorflow(cache_root: Path | None = None) -> None:
     """Import TensorFlow and Keras and set up the devices, without their known noise; with
     `cache_root`, compiled XLA programs persist in `xla_cache_dir(cache_root)` if its disk has room."""
+    global _cache_dir
     if "tensorflow" in sys.modules:
         return
     if cache_root is not None and _free_bytes(folder := xla_cache_dir(cache_root)) >= _MIN_FREE_BYTES:
-        _cache.append(folder)
+        _cache_dir = folder
         os.environ["TF_XLA_FLAGS"] = (
-            f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_cache[0]}"
+            f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={folder}"
         ).strip()
     with quiet.filtered_stderr(), _hidden(_KERAS_EXTRAS):
         import keras  # noqa: F401  (the stages' Keras 3, beside the one `tf.keras` wraps)
@@ -96,9 +97,9 @@ def cache_errors_explained() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as error:
-        if not _cache or not _cache[0].is_dir() or not any(_cache[0].iterdir()):
+        folder = _cache_dir
+        if folder is None or not folder.is_dir() or not any(folder.iterdir()):
             raise
-        folder = _cache[0]
         shutil.rmtree(folder, ignore_errors=True)
         if "No space left on device" in (error.message or ""):
             raise ResourceError(

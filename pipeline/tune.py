@@ -606,7 +606,8 @@ def make_objective(
             trial.set_user_attr("params", flat)
             with store_errors(f"logging the parameters of trial {trial.number}"):
                 log_params(run_id, flat)
-            fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
+            with runtime.cache_errors_explained():
+                fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
             with store_errors(f"logging trial {trial.number}"):
                 MlflowClient().log_metric(run_id, "train_seconds", fitted.train_seconds)
             status, state = "FINISHED", "COMPLETE"
