@@ -36,9 +36,12 @@ from pipeline.tracking.store import (
     check_reachable,
     connect,
     mlflow_module,
+    probe,
+    shown_uri,
     sqlite_path,
     store_errors,
     tracking_uri,
+    unavailable,
 )
 
 __all__ = [
@@ -61,13 +64,16 @@ __all__ = [
     "log_run",
     "log_training",
     "mlflow_module",
+    "probe",
     "process_tags",
     "promote_if_better",
     "record_test_accuracy",
     "resume",
     "run",
     "run_exists",
+    "shown_uri",
     "sqlite_path",
     "store_errors",
     "tracking_uri",
+    "unavailable",
 ]

@@ -9,7 +9,7 @@ from io import StringIO
 from typing import Any
 
 from pipeline.errors import TrackingError
-from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
+from pipeline.tracking.store import first_line, mlflow_module, shown_uri, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
@@ -105,6 +105,6 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
         return mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
         raise TrackingError(
-            f"cannot load the model {uri} from {store} ({first_line(error)}); run `dvc repro` to train and "
+            f"cannot load the model {uri} from {shown_uri()} ({first_line(error)}); run `dvc repro` to train and "
             "register one, or pass --model with another URI or a .keras file."
         ) from None

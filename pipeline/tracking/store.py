@@ -3,12 +3,14 @@
 The default store is SQLite, `mlflow.db` at the repository root, with artifacts in `mlartifacts/`
 beside it, both found by absolute path: DVC runs `--temp` and queued experiments in copies under
 `.dvc/tmp/exps/`, and a store resolved from the current directory would silently lose those runs.
-`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say).
+`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say, or its PostgreSQL database
+directly); messages show it without its password (`database.shown_url`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,9 +19,9 @@ from types import ModuleType
 import requests
 from filelock import FileLock
 
-from pipeline import quiet
+from pipeline import database, quiet
 from pipeline.config import project_root
-from pipeline.errors import TrackingError
+from pipeline.errors import StoreUnavailableError, TrackingError
 
 EXPERIMENT = "mnist-batchnorm"
 # A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
@@ -61,20 +63,57 @@ def store_failures() -> tuple[type[BaseException], ...]:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (MLflow's `.message` if it has one), else its type."""
+    """The first line of an error's message (MLflow's `.message` if it has one), else its type; never
+    the store's password."""
     text = str(getattr(error, "message", "") or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return database.hide_password(text.splitlines()[0] if text else type(error).__name__, tracking_uri())
+
+
+# urllib3's words when MLflow's retries of a 5xx answer ran out (503: the server's database is away)
+_RETRIES_RAN_OUT = re.compile(r"too many \d+ error responses")
+
+
+def unavailable(error: BaseException) -> str | None:
+    """If the store is away for now rather than wrong (its server refuses connections or times out, or
+    keeps answering 5xx because its database is down; a database store lost its server), the short
+    why; else None."""
+    from mlflow.exceptions import MlflowException
+
+    if lost := database.connection_lost(error):
+        return database.hide_password(lost, tracking_uri())
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MlflowException) and current.error_code == "TEMPORARILY_UNAVAILABLE":
+            return "the server says its store is temporarily unavailable"
+        if match := _RETRIES_RAN_OUT.search(str(current)):
+            return f"the server answered {match[0]}"
+        if isinstance(current, (requests.ConnectionError, requests.Timeout)):
+            return _unanswered(current)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextmanager
 def store_errors(what: str, fix: str = "check the store (disk, permissions, server) and run again") -> Iterator[None]:
-    """The one translation of a failing store into the project's one-line TrackingError."""
+    """The one translation of a failing store into the project's one-line TrackingError; a store that
+    is only away for now (`unavailable`) raises its StoreUnavailableError kind, which a caller may wait out."""
     try:
         yield
     except store_failures() as error:
-        raise TrackingError(
-            f"{what} in the MLflow store {tracking_uri()} failed ({type(error).__name__}: {first_line(error)}); {fix}."
-        ) from None
+        failure = f"{type(error).__name__}: {first_line(error)}"
+        message = f"{what} in the MLflow store {shown_uri()} failed ({failure}); {fix}."
+        if reason := unavailable(error):
+            raise StoreUnavailableError(message, reason) from None
+        raise TrackingError(message) from None
+
+
+def probe() -> None:
+    """One cheap query of the store (through its server, if any); StoreUnavailableError while it is away."""
+    mlflow = mlflow_module()
+    with store_errors("asking for the experiment"):
+        mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
 
 
 def tracking_uri() -> str:
@@ -85,6 +124,11 @@ def tracking_uri() -> str:
     """
     default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
     return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def shown_uri() -> str:
+    """The tracking URI as messages show it: without its password."""
+    return database.shown_url(tracking_uri())
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -110,10 +154,17 @@ def check_reachable(uri: str) -> None:
     """
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
+    elif (folder := sqlite_path(uri)) and not folder.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
+    elif database.is_database(uri):  # MLflow would retry for minutes, then end in a traceback
+        database.check_driver(uri, "MLFLOW_TRACKING_URI")
+        if reason := database.unusable(uri):
+            raise TrackingError(
+                f"the MLflow database {database.shown_url(uri)} cannot be used ({reason}); start its server, or "
+                "fix MLFLOW_TRACKING_URI."
+            )
 
 
 def _unanswered(error: Exception) -> str:
@@ -128,6 +179,7 @@ def _unanswered(error: Exception) -> str:
 
 def _probe_server(uri: str) -> None:
     """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
+    shown = database.shown_url(uri)
     mlflow_module()
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
@@ -139,7 +191,7 @@ def _probe_server(uri: str) -> None:
         )
     except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
         raise TrackingError(
-            f"the MLflow tracking server at {uri} is unreachable ({_unanswered(error)}); "
+            f"the MLflow tracking server at {shown} is unreachable ({_unanswered(error)}); "
             "start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from None
     try:
@@ -151,17 +203,17 @@ def _probe_server(uri: str) -> None:
         return
     if response.status_code in (401, 403):
         raise TrackingError(
-            f"the server at {uri} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            f"the server at {shown} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
         )
     if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
         message = str(body.get("message", "")).splitlines()[:1]
         raise TrackingError(
-            f"the MLflow tracking server at {uri} answered with an error ({answered}: {body['error_code']}"
+            f"the MLflow tracking server at {shown} answered with an error ({answered}: {body['error_code']}"
             f"{': ' + message[0] if message else ''}); check the server and its log."
         )
     raise TrackingError(
-        f"the server at {uri} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+        f"the server at {shown} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
     )
 
 
@@ -174,10 +226,10 @@ def connect() -> str:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    database = sqlite_path(uri)
+    sqlite_file = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
     # tables and the experiment while the other waits, instead of both racing to create them.
-    with FileLock(f"{database}.lock") if database else nullcontext():
+    with FileLock(f"{sqlite_file}.lock") if sqlite_file else nullcontext():
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is not None:
@@ -191,6 +243,7 @@ def connect() -> str:
                 return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
         except MlflowException as error:
             raise TrackingError(
-                f"the MLflow store {uri} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
+                f"the MLflow store {database.shown_url(uri)} is unusable ({first_line(error)}); "
+                "check MLFLOW_TRACKING_URI."
             ) from None
 
