@@ -10,7 +10,6 @@ instead, so a CI run never passes by skipping them.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -29,9 +28,9 @@ SUPERUSER = "postgres"
 
 def binaries() -> Path | None:
     """The folder of `initdb` and `pg_ctl`: the newest of Debian's /usr/lib/postgresql/N/bin, else PATH's."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
     if found:
-        return Path(found[-1]).parent
+        return found[-1].parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
 
@@ -94,8 +93,9 @@ class PostgresServer:
         for _ in range(5):
             port = self.port or free_port()
             options = f"-c listen_addresses=127.0.0.1 -p {port} -k {self.sockets} -c max_connections=200"
-            done = self._command("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start",
-                                 check=False)
+            done = self._command(
+                "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start", check=False
+            )
             if done.returncode == 0:
                 self.port = port
                 return
@@ -114,8 +114,20 @@ class PostgresServer:
     def sql(self, statement: str) -> str:
         """Run one statement as the superuser, over the Unix socket."""
         done = self._command(
-            "psql", "-h", self.sockets, "-p", str(self.port), "-d", "postgres", "-U", self.user,
-            "-v", "ON_ERROR_STOP=1", "-tA", "-c", statement,
+            "psql",
+            "-h",
+            self.sockets,
+            "-p",
+            str(self.port),
+            "-d",
+            "postgres",
+            "-U",
+            self.user,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-tA",
+            "-c",
+            statement,
         )
         return done.stdout.strip()
 

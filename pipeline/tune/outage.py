@@ -120,9 +120,7 @@ def optimize(
 
     while len(started) < trials:
         try:
-            shared.study.optimize(
-                counted, n_trials=trials - len(started), catch=catch, callbacks=[ended, *callbacks]
-            )
+            shared.study.optimize(counted, n_trials=trials - len(started), catch=catch, callbacks=[ended, *callbacks])
             return
         except Exception as error:
             outage = outage_of(error, url)
