@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from workspace import free_port
 
-ROLE = "team"
+ROLE = "tests"  # the tests' own role; tests/test_team.py creates docs/team.md's `team` with its SQL
 # a password with characters that must be quoted in a URL, to prove it is handled and never shown
 PASSWORD = "s3cret-Pg/pass:word"
 SUPERUSER = "postgres"
@@ -132,19 +132,18 @@ class PostgresServer:
         return done.stdout.strip()
 
     def create_role(self) -> None:
-        escaped = PASSWORD.replace("'", "''")
-        self.sql(f"CREATE ROLE {ROLE} LOGIN CREATEDB PASSWORD '{escaped}'")
+        self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD {literal(PASSWORD)}")
 
     def create_database(self, name: str) -> str:
         """A new database owned by the team's role; its URL."""
         self.sql(f"CREATE DATABASE {name} OWNER {ROLE}")
         return self.url(name)
 
-    def url(self, database: str) -> str:
-        """`postgresql://team:<password>@127.0.0.1:<port>/<database>`: what the team's URLs look like."""
+    def url(self, database: str, role: str = ROLE) -> str:
+        """`postgresql://<role>:<password>@127.0.0.1:<port>/<database>`, the password percent-encoded."""
         from urllib.parse import quote
 
-        return f"postgresql://{ROLE}:{quote(PASSWORD, safe='')}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{role}:{quote(PASSWORD, safe='')}@127.0.0.1:{self.port}/{database}"
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -154,6 +153,11 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def literal(text: str) -> str:
+    """`text` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def start_server() -> PostgresServer:

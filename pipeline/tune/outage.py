@@ -76,6 +76,26 @@ def _mlflow_back(seconds: float) -> bool:
         time.sleep(_POLL_SECONDS)
 
 
+def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
+    """Whether `error` is Optuna refusing to update trial `number` because another worker already
+    failed it: its heartbeat was late (an outage longer than the grace period, a stalled machine)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    refused = any(
+        isinstance(cause, UpdateFinishedTrialError) or str(cause).startswith("Cannot tell a FAIL trial")
+        for cause in _chain(error)
+    )
+    if not refused:
+        return False
+    try:
+        study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
+        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return bool(shared.storage.get_trial(trial_id).state == TrialState.FAIL)
+    except Exception:
+        return False
+
+
 def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
     """The trial that the outage interrupted: FAIL in the study (unless its end was recorded, or another
     worker failed it meanwhile) and its MLflow run FAILED with the reason."""
@@ -124,9 +144,17 @@ def optimize(
             return
         except Exception as error:
             outage = outage_of(error, url)
+            in_flight = started[-1] if started and started[-1] not in finished else None
             if outage is None:
+                if in_flight is not None and _failed_elsewhere(shared, in_flight, error):
+                    finished.add(in_flight)
+                    log.warning(
+                        "warning: trial %d was failed by another worker while this one trained it (its heartbeat "
+                        "was late); this worker goes on.",
+                        in_flight,
+                    )
+                    continue
                 raise
-        in_flight = started[-1] if started and started[-1] not in finished else None
         during = f"during trial {in_flight}, which fails" if in_flight is not None else "between trials"
         log.warning(
             "warning: %s %s; this worker waits up to %d s for it to come back, then goes on.", outage, during, wait
