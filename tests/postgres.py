@@ -111,8 +111,8 @@ class PostgresServer:
         self.stop()
         self.start()
 
-    def sql(self, statement: str) -> str:
-        """Run one statement as the superuser, over the Unix socket."""
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run one statement as the superuser, over the Unix socket; what it prints."""
         done = self._command(
             "psql",
             "-h",
@@ -120,7 +120,7 @@ class PostgresServer:
             "-p",
             str(self.port),
             "-d",
-            "postgres",
+            database,
             "-U",
             self.user,
             "-v",

@@ -175,4 +175,4 @@ def test_an_unreachable_mlflow_database_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: the MLflow database postgresql://{ROLE}:***@127.0.0.1:1/db cannot be used (")
     assert "Connection refused" in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    assert "s3cret" not in done.stderr
+    assert PASSWORD not in done.stderr and quote(PASSWORD, safe="") not in done.stderr
