@@ -107,6 +107,9 @@ class PostgresServer:
         """A fast shutdown: open transactions are rolled back, connections closed, committed data kept."""
         self._command("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop", check=False)
 
+    def running(self) -> bool:
+        return self._command("pg_ctl", "-D", self.data, "status", check=False).returncode == 0
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -1,4 +1,4 @@
-"""A team's day, for real, as docs/team.md tells it (tests/team_doc.py reads the commands from the page).
+"""A team's day, for real, as docs/team.md tells it (tests/teamday.py reads the commands from the page).
 
 One real PostgreSQL server (tests/postgres.py) with the page's role and two databases; the page's
 `mlflow server` on MLflow's database with served artifacts; Optuna's studies in the other database.
@@ -16,66 +16,47 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import optuna
 import pytest
 import yaml
 from postgres import PASSWORD, PostgresServer, literal
-from team_doc import TeamDoc
+from teamday import (
+    GRACE,
+    MAX_DOWN,
+    PAGE,
+    STUDY,
+    WORKER_TRIALS,
+    Team,
+    TeamDoc,
+    Worker,
+    client,
+    finished_so_far,
+    git_identity,
+    locked_md5,
+    md5,
+    optuna_trials,
+    parent_status,
+    start_worker,
+    started,
+    training,
+    wait_for,
+)
 from test_server import Process
+from test_tune import study_runs
 from workspace import QUICK, clone, free_port, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
-STUDY = "lr-wd"
 EXPERIMENT = "lr-005"
-HEARTBEAT = 5  # seconds: a killed worker's trial is stale after 4 beats (20 s) instead of 2 minutes
-GRACE = 4 * HEARTBEAT
-WORKER_TRIALS = 3
-# the page's worker command, plus what keeps the day short on 2 cores (the last --trials wins)
-TINY = ["--trials", str(WORKER_TRIALS), "--heartbeat", str(HEARTBEAT), "--set", "train.epochs=2"]
-TINY += ["--set", "model.hidden_units=[32]"]
 SECRETS = (PASSWORD, quote(PASSWORD, safe=""))
-
-
-@dataclass
-class Team:
-    """The team's servers and folders, the page as a script, and every output seen (for the password)."""
-
-    root: Path
-    doc: TeamDoc
-    postgres: PostgresServer
-    mlflow_url: str
-    env: dict[str, str]  # after the page's `export` lines
-    server_log: Path
-    outputs: list[str] = field(default_factory=list)
-
-    def run(self, line: str, cwd: Path, timeout: float = 600, **fill: str) -> str:
-        """Run a command of the page in `cwd`; its stdout."""
-        printed = ""
-        for argv in self.doc(line, **fill):
-            if argv[0] == "export":
-                name, _, value = argv[1].partition("=")
-                self.env[name] = value
-                continue
-            done = sh(*argv, cwd=cwd, env=self.env, timeout=timeout)
-            self.outputs += [done.stdout, done.stderr]
-            printed += done.stdout
-        return printed
-
-    def machine(self, name: str) -> Path:
-        folder = self.root / name
-        folder.mkdir(exist_ok=True)
-        return folder
+SHOWN_OPTUNA = "postgresql://team:***@db.internal:5432/optuna"  # the page's URL as workers print it
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +81,12 @@ def team(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> 
         "--backend-store-uri postgresql://team:change-me@db.internal:5432/mlflow "
         "--artifacts-destination /srv/mlflow-artifacts --serve-artifacts"
     )[0]
+    began = time.monotonic()
     server = Process(command, root / "mlflow-server.log", env)
     try:
         server.wait_until_up(f"http://127.0.0.1:{port}/health", timeout=240)
         team = Team(root, doc, postgres, f"http://127.0.0.1:{port}", env, root / "mlflow-server.log")
+        team.seconds["tracking server up (tables created)"] = round(time.monotonic() - began, 1)
         team.run("export MLFLOW_TRACKING_URI=http://mlflow.team.example:5000", root)
         team.run("export OPTUNA_STORAGE=postgresql://team:change-me@db.internal:5432/optuna", root)
         with pytest.MonkeyPatch.context() as patch:  # this process asks the server too
@@ -111,28 +94,6 @@ def team(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> 
             yield team
     finally:
         server.stop()
-
-
-def client(team: Team):  # noqa: ANN201 (MLflow's client, imported late)
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=team.mlflow_url, registry_uri=team.mlflow_url)
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
-
-
-def locked_md5(repo: Path, output: str) -> str:
-    """The MD5 that dvc.lock records for an output of the train stage."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return next(out["md5"] for out in lock["stages"]["train"]["outs"] if out["path"] == output)
-
-
-def git_identity(repo: Path) -> None:
-    """Who commits on that machine (`dvc exp run` commits its experiments)."""
-    sh("git", "config", "user.name", repo.parent.name, cwd=repo)
-    sh("git", "config", "user.email", f"{repo.parent.name}@localhost", cwd=repo)
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +105,12 @@ def alice(team: Team) -> Path:
     sh("git", "remote", "add", "origin", team.root / "mnist.git", cwd=repo)
     sh("git", "push", "-q", "-u", "origin", "HEAD", cwd=repo)
     team.run("dvc remote add -d storage /mnt/team/mnist-dvc", repo)
-    team.run("git add .dvc/config && git commit -m \"Add the team's DVC remote\"", repo)
-    team.run("dvc repro", repo)
-    team.run("dvc push", repo)
-    team.run("git commit -am \"Train the tutorial's network\" && git push", repo)
+    team.run('git add .dvc/config && git commit -m "Add the team\'s DVC remote"', repo)
+    with team.timed("Alice: dvc repro"):
+        team.run("dvc repro", repo)
+    with team.timed("Alice: dvc push, git push"):
+        team.run("dvc push", repo)
+        team.run('git commit -am "Train the tutorial\'s network" && git push', repo)
     return repo
 
 
@@ -159,9 +122,12 @@ def bob(team: Team, alice: Path) -> Path:
     team.run("git clone git.team.example:ml/mnist.git", machine)
     repo = machine / "mnist"
     git_identity(repo)
-    team.run("dvc pull", repo)
-    team.run("dvc exp run -n lr-005 -S train.learning_rate=0.05", repo)
-    team.run("dvc exp push origin lr-005", repo)
+    with team.timed("Bob: dvc pull"):
+        team.run("dvc pull", repo)
+    with team.timed("Bob: dvc exp run"):
+        team.run("dvc exp run -n lr-005 -S train.learning_rate=0.05", repo)
+    with team.timed("Bob: dvc exp push"):
+        team.run("dvc exp push origin lr-005", repo)
     return repo
 
 
@@ -180,29 +146,232 @@ def test_the_tracking_server_keeps_its_runs_in_postgresql(team: Team, alice: Pat
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
 
 
-def test_a_newcomer_pulls_the_model_and_the_experiment_byte_for_byte(team: Team, alice: Path, bob: Path) -> None:
+@pytest.fixture(scope="module")
+def carol(team: Team, alice: Path, bob: Path) -> Newcomer:
+    """A newcomer's machine: a clone of the team's repository, its data and model pulled."""
     machine = team.machine("carol")
     team.run("git clone git.team.example:ml/mnist.git", machine)
     repo = machine / "mnist"
     git_identity(repo)
     team.run("dvc pull", repo)
-    model = repo / "models/model.keras"
-    assert md5(model) == locked_md5(repo, "models/model.keras") == locked_md5(alice, "models/model.keras")
-    assert model.read_bytes() == (alice / "models/model.keras").read_bytes()
+    pulled = (repo / "models/model.keras").read_bytes(), locked_md5(repo, "models/model.keras")
     # Bob's experiment: its git ref from the git server, its model from the DVC remote (Bob pushed it)
     team.run("dvc exp pull origin lr-005", repo)
     team.run("dvc exp apply lr-005", repo)
+    return Newcomer(repo, *pulled)
+
+
+@dataclass
+class Newcomer:
+    repo: Path
+    pulled: bytes  # models/model.keras after `dvc pull`
+    locked_md5: str  # its MD5 in dvc.lock then
+
+
+def test_a_newcomer_pulls_the_model_and_the_experiment_byte_for_byte(alice: Path, bob: Path, carol: Newcomer) -> None:
+    assert hashlib.md5(carol.pulled, usedforsecurity=False).hexdigest() == carol.locked_md5
+    assert carol.locked_md5 == locked_md5(alice, "models/model.keras")
+    assert carol.pulled == (alice / "models/model.keras").read_bytes()
+    # after `dvc exp apply lr-005`: Bob's model, which Carol's machine never had but through the remote
+    model = carol.repo / "models/model.keras"
     assert model.read_bytes() == (bob / "models/model.keras").read_bytes()
     assert md5(model) == locked_md5(bob, "models/model.keras") != locked_md5(alice, "models/model.keras")
 
 
-def test_an_experiment_travels_between_machines_with_its_run(team: Team, alice: Path, bob: Path) -> None:
+@pytest.fixture(scope="module")
+def shared_experiment(team: Team, alice: Path, bob: Path) -> tuple[str, str, str]:
+    """On Alice's machine: Bob's experiment pulled, `dvc exp show`'s table, and `mlflow runs describe`
+    of the run named in it (Bob's run id)."""
     team.run("dvc exp pull origin lr-005", alice)
     table = team.run("dvc exp show --drop '.*' --keep 'Experiment|.*mlflow_run_id|val_accuracy'", alice)
     run_id = json.loads((bob / "metrics/train.json").read_text())["mlflow_run_id"]
+    described = team.run("mlflow runs describe --run-id <mlflow_run_id>", alice, mlflow_run_id=run_id)
+    return table, run_id, described
+
+
+def test_an_experiment_travels_between_machines_with_its_run(shared_experiment: tuple[str, str, str]) -> None:
+    table, run_id, text = shared_experiment
     row = next((line for line in table.splitlines() if EXPERIMENT in line), "")
     assert run_id in row, table
-    described = json.loads(team.run("mlflow runs describe --run-id <mlflow_run_id>", alice, mlflow_run_id=run_id))
+    described = json.loads(text)
     assert described["info"]["status"] == "FINISHED"
     assert described["data"]["tags"]["dvc_experiment"] == EXPERIMENT
     assert yaml.safe_load(described["data"]["params"]["train.learning_rate"]) == 0.05
+
+
+# --- the study: four workers, a kill, a restart --------------------------------------------------------
+
+
+@dataclass
+class Day:
+    workers: list[Worker]
+    victim: Worker
+    killed_trial: int
+    before: dict[str, object]  # what was finished when PostgreSQL went down
+    down_seconds: float
+    parent_seen: list[tuple[int, int, str]]  # (workers alive, workers ended, parent status) at each look
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
+    """Four workers, two per machine. Once all four are in a trial, Bob's second is stopped mid-trial
+    and killed (SIGKILL); PostgreSQL is stopped and kept down until a worker has noticed (MAX_DOWN at
+    most), then started again; after the grace period a fourth worker starts on Bob's machine again.
+    Then until every worker has ended."""
+    began = time.monotonic()
+    workers = [start_worker(team, name, repo) for name, repo in (("alice-1", alice), ("alice-2", alice))]
+    workers += [start_worker(team, name, bob) for name in ("bob-1", "bob-2")]
+    victim = workers[-1]
+    try:
+        wait_for(lambda: all(started(team, w) for w in workers), 300, "all four workers in their first trial")
+        while True:  # stopped, it cannot finish the trial between the look and the kill
+            victim.popen.send_signal(signal.SIGSTOP)
+            number = training(team, victim)
+            states = {t.number: t.state.name for t in optuna_trials(team)}
+            if number is not None and states[int(number)] == "RUNNING":
+                break
+            victim.popen.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+        victim.popen.kill()
+        victim.popen.wait(timeout=60)
+        killed_at = time.monotonic()
+        before = finished_so_far(team)
+        team.postgres.stop()
+        down = time.monotonic()
+        try:
+            deadline = down + MAX_DOWN
+            while time.monotonic() < deadline and not any("went away" in w.stderr() for w in workers[:3]):
+                time.sleep(0.2)
+        finally:
+            team.postgres.start()
+        down_seconds = time.monotonic() - down
+        time.sleep(max(0.0, killed_at + GRACE + 2 - time.monotonic()))
+        workers.append(start_worker(team, "bob-3", bob))
+        parent_seen = []
+        while any(w.popen.poll() is None for w in workers):
+            status = parent_status(team)  # first: a worker alive after this look was alive during it
+            alive = sum(w.popen.poll() is None for w in workers if w is not victim)
+            parent_seen.append((alive, sum(w.ended is not None for w in workers if w is not victim), status))
+            assert time.monotonic() - began < 900, "the study did not end in 15 minutes"
+            time.sleep(1)
+        yield Day(workers, victim, int(number), before, down_seconds, parent_seen, time.monotonic() - began)
+    finally:
+        for worker in workers:
+            if worker.popen.poll() is None:
+                worker.popen.kill()
+        if not team.postgres.running():
+            team.postgres.start()
+
+
+def test_every_worker_but_the_killed_one_ends_cleanly(day: Day) -> None:
+    for worker in day.workers:
+        if worker is day.victim:
+            assert worker.popen.returncode == -signal.SIGKILL
+            continue
+        assert worker.popen.returncode == 0, f"{worker.name}: {worker.stderr()}"
+        assert "Traceback" not in worker.stderr(), worker.stderr()
+        assert f"best trial of study {STUDY}" in worker.out.read_text()
+
+
+def test_trials_are_numbered_without_gaps_and_none_is_left_running(team: Team, day: Day) -> None:
+    trials = optuna_trials(team)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    live = [w for w in day.workers if w is not day.victim]
+    _, children = study_runs(team.env, STUDY)
+    by_victim = [c for c in children if c.data.tags["pid"] == str(day.victim.popen.pid)]
+    assert len(trials) == WORKER_TRIALS * len(live) + len(by_victim)  # a trial an outage failed counts too
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert sum(t.state.name == "COMPLETE" for t in trials) >= len(trials) // 2
+
+
+def test_one_parent_run_and_a_closed_child_run_per_trial(team: Team, day: Day) -> None:
+    parents, children = study_runs(team.env, STUDY)
+    assert len(parents) == 1 and parents[0].info.run_name == STUDY
+    assert parents[0].info.status == "FINISHED"
+    trials = {t.number: t for t in optuna_trials(team)}
+    assert [c.info.run_name for c in children] == [f"{STUDY}/trial-{n}" for n in sorted(trials)]
+    closed = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for child in children:
+        trial = trials[int(child.data.tags["optuna.trial_number"])]
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == closed[trial.state.name], (child.info.run_name, child.data.tags)
+
+
+def test_the_parent_run_ends_only_when_the_last_worker_ends(team: Team, day: Day) -> None:
+    assert any(alive and ended for alive, ended, _ in day.parent_seen), "no look at one worker ended, one running"
+    assert all(status == "RUNNING" for alive, _, status in day.parent_seen if alive), day.parent_seen
+    parents, _ = study_runs(team.env, STUDY)
+    last = max(w.ended or 0.0 for w in day.workers if w is not day.victim)
+    others = [w.ended or 0.0 for w in day.workers if w is not day.victim and w.ended != last]
+    assert parents[0].info.end_time / 1000 >= max(others)
+
+
+def test_the_killed_workers_trial_is_failed_by_the_heartbeat(team: Team, day: Day) -> None:
+    trial = next(t for t in optuna_trials(team) if t.number == day.killed_trial)
+    assert trial.state.name == "FAIL"
+    _, children = study_runs(team.env, STUDY)
+    run = next(c for c in children if c.data.tags["optuna.trial_number"] == str(day.killed_trial))
+    assert run.info.status == "FAILED"
+    assert "stopped sending heartbeats" in run.data.tags["optuna.fail_reason"]
+
+
+def outage_lines(worker: Worker) -> list[str]:
+    return [line for line in worker.stderr().splitlines() if " went away (" in line]
+
+
+def test_the_workers_carry_on_through_a_restart_of_postgresql(team: Team, day: Day) -> None:
+    lines = {w.name: outage_lines(w) for w in day.workers if w is not day.victim}
+    assert any(lines.values()), "no worker noticed that PostgreSQL went away"
+    assert all(len(found) <= 1 for found in lines.values()), lines  # one line per outage
+    assert day.down_seconds < MAX_DOWN + 5
+    documented = next(line for line in PAGE.read_text().splitlines() if " went away (" in line and "warning:" in line)
+    stores = "|".join(
+        re.escape(store)
+        for store in (f"the Optuna storage {team.doc.here(SHOWN_OPTUNA)}", f"the MLflow store {team.mlflow_url}")
+    )
+    shape = re.compile(
+        rf"warning: (?:{stores}) went away \(.+\) (?:during trial \d+, which fails|between trials); "
+        r"this worker waits up to 600 s for it to come back, then goes on\."
+    )
+    assert shape.fullmatch(team.doc.here(documented.strip())), documented
+    for found in lines.values():
+        assert all(shape.fullmatch(line) for line in found), found
+    # nothing finished before the restart was lost
+    after = finished_so_far(team)
+    assert after["versions"] == day.before["versions"] == ["1", "2"]
+    trials, runs = after["trials"], after["runs"]
+    assert isinstance(trials, dict) and isinstance(runs, dict)
+    assert {n: trials[n] for n in day.before["trials"]} == day.before["trials"]  # type: ignore[attr-defined]
+    assert {r: runs[r] for r in day.before["runs"]} == day.before["runs"]  # type: ignore[attr-defined]
+
+
+def test_no_output_and_no_run_shows_the_password(team: Team, day: Day) -> None:
+    texts = [*team.outputs, team.server_log.read_text(errors="replace")]
+    texts += [path.read_text(errors="replace") for w in day.workers for path in (w.out, w.err)]
+    mlflow = client(team)
+    experiment = mlflow.get_experiment_by_name("mnist-batchnorm")
+    for run in mlflow.search_runs([experiment.experiment_id], max_results=1000):
+        texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    texts += [json.dumps(t.user_attrs, default=str) for t in optuna_trials(team)]
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def test_the_page_ran_command_for_command(
+    team: Team, carol: Newcomer, shared_experiment: tuple[str, str, str], day: Day
+) -> None:
+    """Every command of docs/team.md ran in this module (the tests above ran the rest)."""
+    assert team.doc.not_run() == []
+    trials = optuna_trials(team)
+    figures = {
+        **team.seconds,
+        "study: wall seconds": round(day.seconds, 1),
+        "workers": [w.name for w in day.workers],
+        "trials": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "killed (SIGKILL) mid-trial": f"{day.victim.name}, trial {day.killed_trial}",
+        "PostgreSQL down, seconds": round(day.down_seconds, 1),
+        "workers that printed the outage line": sorted(w.name for w in day.workers if outage_lines(w)),
+    }
+    print(f"\nteam day: {json.dumps(figures)}")
