@@ -171,7 +171,7 @@ class Params(_Section):
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} is larger than the training set "
                 f"({MNIST_TRAIN_SIZE} - data.validation_size = {train_size} images); "
-                f"use a batch size between 1 and {train_size}"
+                f"use a batch size between 2 and {train_size}"
             )
         return self
 
@@ -204,7 +204,7 @@ def _describe(error: ErrorDetails, file: Path) -> str:
         hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(known)}."
         return f"{file}: unknown key '{key}'; {hint}"
     if error["type"] == "missing":
-        return f"{file}: '{key}' is missing; add it (the README lists every key with its default)."
+        return f"{file}: '{key}' is missing; add it (docs/parameters.md lists every key with its default)."
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and len(loc) <= 1:  # a rule across keys of a section or sections
         return f"{file}: {message}."
