@@ -50,6 +50,15 @@ def _process_gone(pid: int, start: str | None) -> bool:
     return False
 
 
+def process_ended(tags: dict[str, str]) -> bool:
+    """Whether the process that `process_tags()` describes has ended; False for one on another host,
+    where nothing here can tell."""
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
+        return False
+    return _process_gone(int(pid), tags.get(PID_START_TAG))
+
+
 def end_orphaned_runs(experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs of the experiment whose process, on this host, no longer exists.
 
@@ -263,3 +272,17 @@ def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> Non
     if tags:
         log_run(run_id, tags=tags)
     MlflowClient().set_terminated(run_id, status)
+
+
+def run_status(run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED: the run's status as the store has it now."""
+    from mlflow import MlflowClient
+
+    return str(MlflowClient().get_run(run_id).info.status)
+
+
+def reopen_run(run_id: str) -> None:
+    """Make an ended run RUNNING again (a study's parent run when a worker joins it later)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().update_run(run_id, status="RUNNING")
