@@ -80,8 +80,9 @@ def store_errors(what: str, fix: str = "check the store (disk, permissions, serv
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root.
 
-    The busy timeout lets concurrent writers (`dvc queue start -j 2`) wait for each other's short
-    transactions instead of failing with "database is locked" after SQLite's default 5 s.
+    Concurrent writers (`dvc queue start -j 2`, search workers) wait for each other's transactions
+    instead of failing with "database is locked": MLflow sets a 20 s busy timeout on each of its own
+    sessions; this URL's 60 s covers what it runs outside them (creating and migrating the tables).
     """
     default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
     return os.environ.get("MLFLOW_TRACKING_URI") or default

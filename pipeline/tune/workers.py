@@ -56,6 +56,7 @@ class Workers:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _seen: dict[str, tuple[Any, float]] = field(default_factory=dict)  # others' counts, and since when
 
     def _write(self) -> None:
         record = {**tracking.process_tags(), "beats": self.beats, "ended": self.ended}
@@ -95,7 +96,6 @@ class Workers:
         a record from another host is watched until its count rises (live) or stands still for the
         grace period (dead)."""
         here = tracking.process_tags()["host"]
-        first_seen: dict[str, tuple[int, float]] = {}  # a record's count when first read, and when
         told = False
         while True:
             live, unsure = [], []
@@ -103,10 +103,16 @@ class Workers:
                 if key == self.key or record.get("ended") or tracking.process_ended(record):
                     continue
                 if self.ended and record.get("host") != here:
-                    beats, since = first_seen.setdefault(key, (record.get("beats", 0), time.monotonic()))
-                    if record.get("beats", 0) == beats:
-                        if time.monotonic() - since < GRACE_SECONDS:
+                    beats, since = self._seen.get(key, (None, time.monotonic()))
+                    if record.get("beats") != beats:  # first seen, or risen since: live (for now)
+                        self._seen[key] = (record.get("beats"), time.monotonic())
+                        if beats is None:
                             unsure.append(key)
+                            continue
+                    elif time.monotonic() - since < GRACE_SECONDS:
+                        unsure.append(key)
+                        continue
+                    else:
                         continue  # its count stood still for the grace period: dead
                 live.append(key)
             if not unsure:
