@@ -18,6 +18,7 @@ from pipeline.tracking.runs import (
     create_run,
     end_orphaned_runs,
     end_run,
+    live_history,
     log_datasets,
     log_evaluation,
     log_files,
@@ -29,6 +30,7 @@ from pipeline.tracking.runs import (
     resume,
     run,
     run_exists,
+    system_metrics,
 )
 from pipeline.tracking.store import (
     EXPERIMENT,
@@ -51,6 +53,7 @@ __all__ = [
     "create_run",
     "end_orphaned_runs",
     "end_run",
+    "live_history",
     "load_model",
     "log_datasets",
     "log_evaluation",
@@ -69,5 +72,6 @@ __all__ = [
     "run_exists",
     "sqlite_path",
     "store_errors",
+    "system_metrics",
     "tracking_uri",
 ]
