@@ -93,6 +93,9 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     assert {"plots/confusion.png", "plots/learning_curves.png", "plots/misclassified.png"} <= artifacts
     assert "evaluation/classification_report.json" in artifacts
     assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=workspace).stdout.strip()
+    # the committed params.yaml, unchanged: named after the commit alone
+    assert run.info.run_name == sh("git", "rev-parse", "--short", "HEAD", cwd=workspace).stdout.strip()
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     versions = client.search_model_versions(f"name = 'mnist-bn-mlp' and run_id = '{run_id}'")
     assert len(versions) == 1
     assert float(versions[0].tags["test_accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
