@@ -158,7 +158,7 @@ def system_metrics(run_id: str) -> Iterator[None]:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     if not quiet.VERBOSE:  # a failing store's warnings: the run's one error line says it
-        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.CRITICAL)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS)
     monitor.start()
     try:
