@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, validate_params
+from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, project_root, validate_params
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -458,3 +458,16 @@ def test_the_import_walk_finds_imports_inside_functions() -> None:
     files = imported_files("pipeline.evaluate")
     assert {"pipeline/model.py", "pipeline/tracking/store.py", "pipeline/__init__.py"} <= files
     assert "pipeline/tune/study.py" not in files and "pipeline/predict.py" not in files
+
+
+def test_project_root_is_the_repository_holding_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "pipeline").mkdir(parents=True)
+    (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
+    assert project_root(tmp_path / "repo") == tmp_path / "repo"
+    assert project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
+
+
+def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
+    copy = Path("/home/me/repo/.dvc/tmp/exps/tmpab12cd")
+    assert project_root(copy) == Path("/home/me/repo")
