@@ -61,7 +61,6 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
     return tags
 
 
-
 def _changed(*excluded: str) -> bool:
     """Whether a tracked file other than the pipeline's outputs and `excluded` differs from the commit."""
     paths = (f":!{path}" for path in (*PIPELINE_OUTPUTS, *excluded))
