@@ -18,6 +18,7 @@ from pipeline.tracking.runs import (
     create_run,
     end_orphaned_runs,
     end_run,
+    live_history,
     log_datasets,
     log_evaluation,
     log_files,
@@ -32,6 +33,7 @@ from pipeline.tracking.runs import (
     run,
     run_exists,
     run_status,
+    system_metrics,
 )
 from pipeline.tracking.store import (
     EXPERIMENT,
@@ -54,6 +56,7 @@ __all__ = [
     "create_run",
     "end_orphaned_runs",
     "end_run",
+    "live_history",
     "load_model",
     "log_datasets",
     "log_evaluation",
@@ -75,5 +78,6 @@ __all__ = [
     "run_status",
     "sqlite_path",
     "store_errors",
+    "system_metrics",
     "tracking_uri",
 ]
