@@ -29,6 +29,13 @@ _NOISE = re.compile(
     r"use_unbounded_threadpool|"
     # a cache entry is tried as text before binary; the binary form is the one XLA's cache writes
     r"Error parsing text-format tensorflow\.XlaSerializedCacheEntry|"
+    # Loading a cache entry, XLA:CPU checks each feature it was compiled for against the host's, and
+    # counts the LLVM tuning hints it adds on AVX-512 CPUs (prefer-no-scatter, prefer-no-gather) as
+    # features no CPU reports: a "mismatch ... SIGILL" line for each, on the very machine that compiled
+    # it. Only those two are hidden: any real feature stays loud (and runtime.xla_cache_dir keys the
+    # cache by the CPU's flags, so an entry from another CPU is never loaded).
+    r"cpu_aot_loader\.cc:\d+\] Loading XLA:CPU AOT result\. "
+    r"Target machine feature \+prefer-no-(scatter|gather) is not +supported on the host machine|"
     # MLflow's registry chatter; the train stage prints its own line naming the version
     r"Successfully registered model|Registered model '.*' already exists|Created version '"
 )

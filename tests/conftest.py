@@ -1,10 +1,11 @@
-"""Shared fixtures: the repository root, real local HTTPS servers trusted by `requests`, a real
-PostgreSQL server (tests/postgres.py); and quick XLA compilation for the trainings the tests run in
-their own process."""
+"""Shared fixtures: the repository root, real local HTTPS servers trusted by `requests`, a real SQLite
+MLflow store per test, a real PostgreSQL server (tests/postgres.py); and quick XLA compilation for the
+trainings the tests run in their own process."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +51,27 @@ def https_server(tls_certificate: Certificate, monkeypatch: pytest.MonkeyPatch) 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
+    of MLflow's schema migrations) takes most of a second."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite store of its own for each test (a copy of the empty one), as MLFLOW_TRACKING_URI."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
 
 
 @pytest.fixture(scope="session")

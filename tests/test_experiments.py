@@ -3,16 +3,20 @@
 `dvc repro -f` reproduces the metrics and weights bit for bit; `dvc exp run` (in the workspace,
 `--temp`, and queued two at a time) all log into the ONE store at the repository root, each run tagged
 with its experiment name; metrics name their run and runs name their commit and data; DVC's diffs work;
-and a model restored from DVC's cache is evaluated into the run that trained it.
+a model restored from DVC's cache is evaluated into the run that trained it; and queued experiments
+and search workers write the local stores at the same time without "database is locked".
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from mlflow import MlflowClient
 from workspace import QUICK, clone, sh, venv_env
@@ -132,3 +136,43 @@ def test_restored_model_is_evaluated_into_its_own_run(repo: Path) -> None:
     sh("dvc", "repro", "-f", "-s", "evaluate", cwd=repo, env=ENV)
     assert metrics(repo, "test")["mlflow_run_id"] == run_id
     assert len(client(repo).get_metric_history(run_id, "test_accuracy")) == 2  # evaluated twice, same run
+
+
+def test_queued_experiments_and_search_workers_share_the_local_stores(tmp_path: Path) -> None:
+    """The local default under load, no server: three queued experiments run two at a time while two
+    `mnist-tune` workers search, all creating and writing mlflow.db (and the workers optuna.db) at once,
+    in a clone with nothing but its prepared data. All finish: no "database is locked", one FINISHED run
+    and one model version per experiment."""
+    repo = clone(tmp_path / "repo", **QUICK)
+    sh("dvc", "repro", "prepare", cwd=repo, env=ENV)  # no MLflow or Optuna store yet
+    assert not (repo / "mlflow.db").exists() and not (repo / "optuna.db").exists()
+    names = [f"busy-{n}" for n in range(3)]
+    for n, name in enumerate(names):
+        sh("dvc", "exp", "run", "--queue", "-S", f"train.seed={100 + n}", "-n", name, cwd=repo, env=ENV)
+    quick = ["--set", "train.epochs=2", "--set", "model.hidden_units=[64,32]"]
+    search = [sys.executable, "-m", "pipeline.tune", "--study", "busy", "--trials", "2", *quick]
+    popen = {"cwd": repo, "env": ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=ENV)
+    workers = [subprocess.Popen(search, **popen) for _ in range(2)]  # type: ignore[call-overload]
+    outputs = [worker.communicate(timeout=1800) for worker in workers]
+    status = wait_for_queue(repo, timeout=1800)
+    logs = "\n".join(sh("dvc", "queue", "logs", name, cwd=repo, env=ENV).stdout for name in names)
+    for worker, (_, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr
+        assert "locked" not in stderr and "Traceback" not in stderr, stderr
+    assert "database is locked" not in logs and "Traceback" not in logs, logs
+    for name in names:
+        assert any(name in line and "Success" in line for line in status.splitlines()), status
+
+    store = client(repo)
+    runs = store.search_runs(["1"], "tags.dvc_experiment LIKE 'busy-%'", max_results=100)
+    assert sorted(r.data.tags["dvc_experiment"] for r in runs) == names  # one run per experiment
+    for run in runs:
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+        versions = store.search_model_versions(f"run_id = '{run.info.run_id}'")
+        assert len(versions) == 1 and versions[0].tags["val_accuracy"]
+    search_runs = store.search_runs(["1"], "tags.`optuna.study` = 'busy'", max_results=100)
+    assert sorted(r.info.status for r in search_runs) == ["FINISHED"] * 5  # the parent and four trials
+    study = optuna.load_study(study_name="busy", storage=f"sqlite:///{repo / 'optuna.db'}")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)

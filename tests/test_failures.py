@@ -397,9 +397,10 @@ def test_killed_repro_recovers_on_the_next_run(repo: Path) -> None:
 # --- the XLA compilation cache ------------------------------------------------------------------------
 
 
-def test_damaged_xla_cache_entry_is_one_line_and_cleared(repo: Path) -> None:
+def test_damaged_xla_cache_entry_is_one_line_and_removed(repo: Path) -> None:
     """The trainings before left their compiled epochs in .cache/xla/; cut them short, as a disk error
-    might: one line, nothing touched, the cache cleared, and the next run compiles afresh."""
+    might: one line, nothing touched, the damaged entries removed (not the folder, which other processes
+    may be using), and the next run compiles afresh."""
     entries = list((repo / ".cache" / "xla").glob("*/*.pb"))
     assert entries
     for entry in entries:
@@ -410,6 +411,6 @@ def test_damaged_xla_cache_entry_is_one_line_and_cleared(repo: Path) -> None:
         repo, before, done.returncode, done.stderr, "XLA compilation cache", "run the command again"
     )
     assert [r.info.status for r in new] == ["FAILED"]
-    assert not entries[0].parent.exists()
+    assert entries[0].parent.is_dir() and not any(entry.exists() for entry in entries)
     sh(sys.executable, "-m", "pipeline.train", cwd=repo, env=ENV)
     assert len(list(entries[0].parent.glob("*.pb"))) == 1

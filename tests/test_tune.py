@@ -252,7 +252,12 @@ def tune_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     root = tmp_path_factory.mktemp("tune-server")
     env = venv_env()
     with mlflow_server(root, env) as url:
-        yield env | {"MLFLOW_TRACKING_URI": url, "OPTUNA_STORAGE": f"sqlite:///{root}/optuna.db"}
+        # system metrics sampled every 0.2 s instead of 1 s: a quick trial here trains for about a second
+        yield env | {
+            "MLFLOW_TRACKING_URI": url,
+            "OPTUNA_STORAGE": f"sqlite:///{root}/optuna.db",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2",
+        }
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +328,7 @@ def test_two_workers_share_one_study(two_workers: tuple, tune_env: dict[str, str
         assert yaml.safe_load(child.data.params["model.hidden_units"]) == [64, 32]
         assert child.data.params["train.optimizer"] == "adamw"  # the space's fixed value
         assert "train_seconds" in child.data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(child.data.metrics)
     assert client.search_model_versions() == []  # trials register nothing
 
     study = optuna.load_study(study_name=STUDY, storage=tune_env["OPTUNA_STORAGE"])
@@ -334,8 +340,17 @@ def test_two_workers_share_one_study(two_workers: tuple, tune_env: dict[str, str
 
 
 @pytest.mark.e2e
-def test_a_third_worker_resumes_the_study(two_workers: tuple, workspace: Path, tune_env: dict[str, str]) -> None:
-    stdout, _ = finish(tune(workspace, tune_env, "--study", STUDY, "--trials", "1", *QUICK_SET))
+def test_a_third_worker_resumes_the_study(
+    two_workers: tuple, workspace: Path, tune_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Joining the finished study re-opens its parent run while it works (held at its exit here)."""
+    assert [p.info.status for p in study_runs(tune_env, STUDY)[0]] == ["FINISHED"]
+    hold = tmp_path / "hold"
+    third = held_at_exit(workspace, tune_env, hold, "--study", STUDY, "--trials", "1", *QUICK_SET)
+    wait_for_file(hold.with_suffix(".reached"), third)
+    assert [p.info.status for p in study_runs(tune_env, STUDY)[0]] == ["RUNNING"]
+    hold.with_suffix(".go").touch()
+    stdout, _ = finish(third)
     parents, children = study_runs(tune_env, STUDY)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert [c.info.run_name for c in children] == [f"{STUDY}/trial-{n}" for n in range(5)]
@@ -423,6 +438,85 @@ def test_the_trial_of_a_killed_worker_is_failed_by_the_next(workspace: Path, tun
     assert "stopped sending heartbeats" in children[0].data.tags["optuna.fail_reason"]
     trials = optuna.load_study(study_name=study, storage=tune_env["OPTUNA_STORAGE"]).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+
+
+# The real command, held at its exit point (before it records that it leaves) until HOLD.go exists.
+HELD_AT_EXIT = """
+import os, pathlib, time
+from pipeline.tune import command, workers
+hold, leave = pathlib.Path(os.environ["HOLD"]), workers.Workers.leave
+def held(self):
+    hold.with_suffix(".reached").touch()
+    while not hold.with_suffix(".go").exists():
+        time.sleep(0.1)
+    return leave(self)
+workers.Workers.leave = held
+command.run()
+"""
+
+
+def held_at_exit(workspace: Path, env: dict[str, str], hold: Path, *args: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", HELD_AT_EXIT, *args]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(command, cwd=workspace, env=env | {"HOLD": str(hold)}, **popen)  # type: ignore[call-overload]
+
+
+def wait_for_file(path: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 600
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_the_parent_run_ends_with_the_last_worker_not_the_first(
+    workspace: Path, tune_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Worker A has run its trial and is held at its exit; worker B runs its own trial and exits: the
+    parent stays RUNNING for A, and ends FINISHED when A exits."""
+    study, hold = f"{STUDY}-last", tmp_path / "hold"
+    a = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
+    try:
+        wait_for_file(hold.with_suffix(".reached"), a)
+        finish(tune(workspace, tune_env, "--study", study, "--trials", "1", *QUICK_SET))
+        parents, children = study_runs(tune_env, study)
+        assert [p.info.status for p in parents] == ["RUNNING"]
+        assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+        hold.with_suffix(".go").touch()
+        finish(a)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    parents, _ = study_runs(tune_env, study)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_with_sigkill_does_not_keep_the_parent_running(
+    workspace: Path, tune_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Worker A trains (200 epochs); worker B runs its trial and is held at its exit; A is killed with
+    SIGKILL; B exits: it is the last live worker and ends the parent run."""
+    study, hold = f"{STUDY}-sigkill", tmp_path / "hold"
+    long = ["--set", "train.epochs=200", "--set", "model.hidden_units=[64,32]"]
+    killed = tune(workspace, tune_env, "--study", study, "--trials", "1", *long)
+    b = None
+    try:
+        wait_for_first_epoch(tune_env, study, killed)
+        b = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
+        wait_for_file(hold.with_suffix(".reached"), b)
+        killed.kill()
+        killed.wait(timeout=60)
+        hold.with_suffix(".go").touch()
+        finish(b)
+    finally:
+        for process in (killed, b):
+            if process is not None and process.poll() is None:
+                process.kill()
+    parents, children = study_runs(tune_env, study)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "RUNNING"]  # A's, until its heartbeat fails it
 
 
 def tune_in(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from pipeline.tracking.store import first_line, mlflow_module, shown_uri, sqlite
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
+VAL_ACCURACY = "val_accuracy"  # the version tag the champion is chosen by
 
 
 def _version_of(run_id: str) -> Any | None:
@@ -22,9 +23,44 @@ def _version_of(run_id: str) -> Any | None:
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def _best_version(client: Any) -> str | None:
+    """The version with the highest `val_accuracy` tag, the earliest of equals (None if none has one)."""
+    best: tuple[float, int] | None = None
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{REGISTERED_MODEL}'", page_token=token)
+        for found in page:
+            try:
+                key = (float(found.tags[VAL_ACCURACY]), -int(found.version))
+            except (KeyError, ValueError):  # not tagged (yet), or a tag written by hand
+                continue
+            best = key if best is None or key > best else best
+        token = page.token
+        if not token:
+            return None if best is None else str(-best[1])
+
+
+def _champion(client: Any) -> str | None:
+    """The version the `champion` alias names now, if any."""
+    version = client.get_registered_model(REGISTERED_MODEL).aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
 def promote_if_better(run_id: str, val_accuracy: float) -> bool:
-    """Tag the run's model version with its validation accuracy, and move the `champion` alias to it
-    only if it is strictly better than the champion's (the test set never chooses); say if it moved."""
+    """Tag the run's model version with its validation accuracy, then make `champion` the version with the
+    best validation accuracy of all (the earliest of equals; the test set never chooses); say whether
+    that is this run's version.
+
+    Trainings that finish together promote at the same time, in separate processes, on one machine or
+    many: no lock is taken. Each promoter writes its own tag first, then reads every version and the
+    alias and moves the alias to the best it read, until a read finds the alias already on the best.
+    Why the last writer cannot leave a wrong champion: take the last tag written, by promoter P. Every
+    read that starts after it sees every tag, so computes the true best. If the last alias write came
+    before that tag, P's own reads come after both, find the alias unchanged since, and P would write
+    (contradicting "last") unless it is already the best. If it came after, its writer's next read
+    follows it, sees every tag and the alias as it stays, and that writer stops only when the two
+    agree. Writes computed from stale reads are each followed by a fresh read, so the loop ends.
+    """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -32,16 +68,18 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
     if version is None:
         return False
     client = MlflowClient()
-    client.set_model_version_tag(REGISTERED_MODEL, version.version, "val_accuracy", f"{val_accuracy:.6f}")
-    try:
-        champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-        best = float(champion.tags.get("val_accuracy", "-1"))
-    except MlflowException:  # no champion yet
-        best = -1.0
-    if val_accuracy <= best:
-        return False
-    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
-    return True
+    client.set_model_version_tag(REGISTERED_MODEL, version.version, VAL_ACCURACY, f"{val_accuracy:.6f}")
+    while True:
+        current, best = _champion(client), _best_version(client)
+        if best is None or current == best:
+            return best == str(version.version)
+        try:
+            client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, best)
+        except MlflowException:
+            # Two first promoters may both create the alias: the store refuses the second row. Once an
+            # alias exists, writes replace it, so the read of the next round decides.
+            if _champion(client) is None:
+                raise
 
 
 def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
@@ -80,7 +118,6 @@ def log_model(model: Any, example: Any) -> str:
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
         )
     return str(info.registered_model_version)
-
 
 
 def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:

@@ -63,10 +63,13 @@ def store_failures() -> tuple[type[BaseException], ...]:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (MLflow's `.message` if it has one), else its type; never
-    the store's password."""
-    text = str(getattr(error, "message", "") or error).strip()
-    return database.hide_password(text.splitlines()[0] if text else type(error).__name__, tracking_uri())
+    """The first line of an error's message (MLflow's `.message` if it has one), else its type; past
+    SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble to the database's reason;
+    never the store's password."""
+    lines = str(getattr(error, "message", "") or error).strip().splitlines()
+    while len(lines) > 1 and lines[0].startswith("(raised as a result of"):
+        lines = lines[1:]
+    return database.hide_password(lines[0] if lines else type(error).__name__, tracking_uri())
 
 
 # urllib3's words when MLflow's retries of a 5xx answer ran out (503: the server's database is away)
@@ -119,8 +122,9 @@ def probe() -> None:
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root.
 
-    The busy timeout lets concurrent writers (`dvc queue start -j 2`) wait for each other's short
-    transactions instead of failing with "database is locked" after SQLite's default 5 s.
+    Concurrent writers (`dvc queue start -j 2`, search workers) wait for each other's transactions
+    instead of failing with "database is locked": MLflow sets a 20 s busy timeout on each of its own
+    sessions; this URL's 60 s covers what it runs outside them (creating and migrating the tables).
     """
     default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
     return os.environ.get("MLFLOW_TRACKING_URI") or default

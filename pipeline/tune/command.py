@@ -17,7 +17,7 @@ from pipeline import database, io, lineage, quiet, runtime, tracking
 from pipeline.cli import ArgumentParser, positive, seed
 from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file, project_root
 from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
-from pipeline.tune import outage
+from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
 from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, shown_url, storage_setting, storage_url
@@ -109,6 +109,10 @@ def main(argv: Sequence[str]) -> None:
     tags = {key: value for key, value in origin.items() if key != "params_md5"}  # a trial is not params.yaml
     tags["optuna.storage"] = shown_url(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags, args.heartbeat)
+    study_id = shared.storage.get_study_id_from_name(args.study)
+    present = workers.Workers(shared.storage, study_id, shared.parent_run_id)
+    with tracking.store_errors("joining the study's parent run", STORE_FIX):
+        present.join()  # the parent run is RUNNING from here until the last worker leaves
     runtime.import_tensorflow(project_root())  # before the first trial: its noise filtered, the cache on
     objective = make_objective(shared, base, space, train, validation, tags)
     mine: list[FrozenTrial] = []
@@ -123,7 +127,10 @@ def main(argv: Sequence[str]) -> None:
     finally:
         closing = tracking.store_errors("closing the study's parent run", STORE_FIX)
         with contextlib.suppress(Exception) if sys.exc_info()[0] else closing:
-            update_parent(shared)
+            try:
+                update_parent(shared)
+            finally:
+                present.leave()  # the parent run ends FINISHED if no other worker is live
     print("\n".join(summary(shared.study, base)), flush=True)
     if mine and all(t.state.name == "FAIL" for t in mine):
         first = mine[0].user_attrs.get("fail_reason", "see its MLflow run")
@@ -133,4 +140,3 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
     """The console script."""
     run_stage(lambda: main(sys.argv[1:]))
-

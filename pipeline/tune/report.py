@@ -88,7 +88,8 @@ def summary(study: optuna.Study, base: Params) -> list[str]:
 
 
 def update_parent(shared: Study) -> None:
-    """The study's standing so far on its parent run, which ends FINISHED (never left RUNNING)."""
+    """The study's standing so far on its parent run (at the step of the trial count, so the fullest
+    standing is the one shown); whether the run ends is the workers' to settle (tune/workers.py)."""
     trials = shared.study.get_trials(deepcopy=False)
     metrics: dict[str, float] = {
         f"trials_{s.lower()}": sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")
@@ -99,4 +100,3 @@ def update_parent(shared: Study) -> None:
         if run_id := best.user_attrs.get("mlflow_run_id"):
             tags["best_run_id"] = run_id
     tracking.log_run(shared.parent_run_id, metrics=metrics, tags=tags, step=len(trials))
-    tracking.end_run(shared.parent_run_id, "FINISHED")

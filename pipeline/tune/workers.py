@@ -1,0 +1,139 @@
+"""The live workers of a study, registered in its Optuna storage, and the study's MLflow parent run that
+follows them: RUNNING while any worker is live, FINISHED once the last one has left or died.
+
+Each worker writes its own record first (a study user attribute `worker:<id>`: host, pid, process
+start, a heartbeat count, ended or not), keeps the count rising from a thread, and marks the record
+ended when it leaves (Ctrl-C and SIGTERM included). A record is live until it is ended or its process
+is known dead: on the same host /proc says so at once (SIGKILL included); a record from another host
+is dead once its count has not risen for GRACE_SECONDS of the reader's own clock (no clocks compared).
+
+After each write of its own record, and with every heartbeat, a worker settles the parent run: it reads
+the records and the run's status and writes the status they call for (a live worker: RUNNING), until a
+read finds both agreeing. Why that is right in every interleaving (the argument of the champion,
+tracking/registry.py): take the last record write, by worker P. Reads after it see every record as it
+stays. If the last status write came before it, P's own reads find that status and P writes unless it
+agrees; if after, its writer reads again and stops only on agreement. So once workers stop joining and
+leaving, the run is RUNNING exactly while a worker is live. In between, a worker acting on an older read
+(one leaving just as another joins) may write FINISHED for a moment; its next read, or the other's next
+heartbeat, puts it back. A worker killed outright is judged dead by the last live worker as it leaves
+(at once on its host; elsewhere once the grace period has passed), or, if it was the last, by the next
+worker that joins and leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline import tracking
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+log = logging.getLogger("pipeline.tune")
+
+RECORD_PREFIX = "worker:"
+BEAT_SECONDS = 5.0  # how often a worker's count rises (a write of a few bytes)
+GRACE_SECONDS = 60.0  # a record elsewhere whose count stood still this long is a dead worker's
+_POLL_SECONDS = 1.0
+
+
+@dataclass
+class Workers:
+    """This worker's record among the study's, and the parent run they decide."""
+
+    storage: BaseStorage
+    study_id: int
+    parent_run_id: str
+    key: str = field(default_factory=lambda: f"{RECORD_PREFIX}{uuid.uuid4().hex}")
+    beats: int = 0
+    ended: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _seen: dict[str, tuple[Any, float]] = field(default_factory=dict)  # others' counts, and since when
+
+    def _write(self) -> None:
+        record = {**tracking.process_tags(), "beats": self.beats, "ended": self.ended}
+        self.storage.set_study_user_attr(self.study_id, self.key, record)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every worker's record, this one's included."""
+        attrs = self.storage.get_study_user_attrs(self.study_id)
+        return {key: value for key, value in attrs.items() if key.startswith(RECORD_PREFIX)}
+
+    def join(self) -> None:
+        """Register as live, make the parent run RUNNING, and keep the record's heartbeat."""
+        self._write()
+        self.settle()
+        self._thread = threading.Thread(target=self._beat, name=f"{self.key}-beat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(BEAT_SECONDS):
+            with self._lock, contextlib.suppress(Exception):  # a store that is away: the next beat tries
+                if self._stop.is_set():
+                    return
+                self.beats += 1
+                self._write()
+                self.settle()
+
+    def leave(self) -> str:
+        """Mark the record ended, then settle the parent run; return the status it was left with."""
+        self._stop.set()
+        with self._lock:  # no beat can overwrite the ended record
+            self.ended = True
+            self._write()
+        return self.settle()
+
+    def live_others(self) -> list[str]:
+        """The other workers that are live: records not ended whose process is not known dead. Leaving,
+        a record from another host is watched until its count rises (live) or stands still for the
+        grace period (dead)."""
+        here = tracking.process_tags()["host"]
+        told = False
+        while True:
+            live, unsure = [], []
+            for key, record in self.records().items():
+                if key == self.key or record.get("ended") or tracking.process_ended(record):
+                    continue
+                if self.ended and record.get("host") != here:
+                    beats, since = self._seen.get(key, (None, time.monotonic()))
+                    if record.get("beats") != beats:  # first seen, or risen since: live (for now)
+                        self._seen[key] = (record.get("beats"), time.monotonic())
+                        if beats is None:
+                            unsure.append(key)
+                            continue
+                    elif time.monotonic() - since < GRACE_SECONDS:
+                        unsure.append(key)
+                        continue
+                    else:
+                        continue  # its count stood still for the grace period: dead
+                live.append(key)
+            if not unsure:
+                return live
+            if not told:
+                told = True
+                log.info(
+                    "waiting up to %.0f s for a sign of life from %d worker(s) on other machines, to know "
+                    "whether the study's MLflow run ends with this one",
+                    GRACE_SECONDS,
+                    len(unsure),
+                )
+            time.sleep(_POLL_SECONDS)
+
+    def settle(self) -> str:
+        """Write the parent run's status that the records call for until a read agrees; return it."""
+        while True:
+            wanted = "RUNNING" if not self.ended or self.live_others() else "FINISHED"
+            if tracking.run_status(self.parent_run_id) == wanted:
+                return wanted
+            if wanted == "RUNNING":
+                tracking.reopen_run(self.parent_run_id)
+            else:
+                tracking.end_run(self.parent_run_id, "FINISHED")
