@@ -48,6 +48,7 @@ def test_a_missing_driver_names_the_team_extra(monkeypatch: pytest.MonkeyPatch) 
     database.check_driver("http://127.0.0.1:5000", "MLFLOW_TRACKING_URI")
 
 
+@pytest.mark.e2e  # a real server, or processes of their own
 def test_errors_of_a_server_that_went_away(postgres: PostgresServer) -> None:
     url = postgres.create_database("gone")
     engine = sqlalchemy.create_engine(url)
@@ -77,6 +78,7 @@ def test_errors_of_a_server_that_went_away(postgres: PostgresServer) -> None:
     assert database.connection_lost(ValueError("connection refused")) is None
 
 
+@pytest.mark.e2e  # a real server, or processes of their own
 def test_pooled_connections_outlive_a_restart_with_the_engine_options(postgres: PostgresServer) -> None:
     url = postgres.create_database("pooled")
     kept, plain = (sqlalchemy.create_engine(url, **options) for options in (database.engine_options(url), {}))
@@ -135,6 +137,7 @@ def assert_the_documented_line(done: subprocess.CompletedProcess[str], expected:
     assert "change-me" not in done.stderr
 
 
+@pytest.mark.e2e  # a real server, or processes of their own
 def test_mnist_tune_without_the_driver_is_the_documented_line(tmp_path: Path) -> None:
     done = without_driver(tmp_path, "mnist-tune", "--study", "s", "--trials", "1", OPTUNA_STORAGE=DOC_URL)
     assert_the_documented_line(done, documented_error())
@@ -150,6 +153,7 @@ def a_digit(folder: Path) -> Path:
     return folder / "digit.png"
 
 
+@pytest.mark.e2e  # a real server, or processes of their own
 def test_mlflow_tracking_uri_without_the_driver_is_one_line(tmp_path: Path) -> None:
     uri = DOC_URL.replace("/optuna", "/mlflow")
     done = without_driver(tmp_path, "mnist-predict", str(a_digit(tmp_path)), MLFLOW_TRACKING_URI=uri)
@@ -161,6 +165,7 @@ def test_mlflow_tracking_uri_without_the_driver_is_one_line(tmp_path: Path) -> N
 UNREACHABLE = f"postgresql://{ROLE}:{quote(PASSWORD, safe='')}@127.0.0.1:1/db"
 
 
+@pytest.mark.e2e  # a real server, or processes of their own
 def test_an_unreachable_mlflow_database_is_one_line(tmp_path: Path) -> None:
     """With the driver: a database that refuses connections is one line in seconds, not MLflow's
     minutes of retries and a traceback."""

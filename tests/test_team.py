@@ -209,7 +209,7 @@ class Day:
     killed_trial: int
     before: dict[str, object]  # what was finished when PostgreSQL went down
     down_seconds: float
-    parent_seen: list[tuple[int, int, str]]  # (workers alive, workers ended, parent status) at each look
+    parent_seen: list[tuple[float, float, str]]  # the parent run's status, read between two time.time()s
     seconds: float
 
 
@@ -250,9 +250,9 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
         workers.append(start_worker(team, "bob-3", bob))
         parent_seen = []
         while any(w.popen.poll() is None for w in workers):
-            status = parent_status(team)  # first: a worker alive after this look was alive during it
-            alive = sum(w.popen.poll() is None for w in workers if w is not victim)
-            parent_seen.append((alive, sum(w.ended is not None for w in workers if w is not victim), status))
+            before_look = time.time()
+            status = parent_status(team)
+            parent_seen.append((before_look, time.time(), status))
             assert time.monotonic() - began < 900, "the study did not end in 15 minutes"
             time.sleep(1)
         yield Day(workers, victim, int(number), before, down_seconds, parent_seen, time.monotonic() - began)
@@ -299,12 +299,32 @@ def test_one_parent_run_and_a_closed_child_run_per_trial(team: Team, day: Day) -
 
 
 def test_the_parent_run_ends_only_when_the_last_worker_ends(team: Team, day: Day) -> None:
-    assert any(alive and ended for alive, ended, _ in day.parent_seen), "no look at one worker ended, one running"
-    assert all(status == "RUNNING" for alive, _, status in day.parent_seen if alive), day.parent_seen
+    """Never FINISHED while a trial is being trained (the killed worker's aside, which only the heartbeat
+    ends), RUNNING while one worker trains after another has ended; FINISHED at the end, after the last
+    trial."""
+    trials = [t for t in optuna_trials(team) if t.number != day.killed_trial]
+
+    def in_flight(start: float, end: float) -> list[int]:  # trials trained all through [start, end]
+        return [
+            t.number
+            for t in trials
+            if t.datetime_start
+            and t.datetime_start.timestamp() < start
+            and (t.datetime_complete is None or t.datetime_complete.timestamp() > end)
+        ]
+
+    ended = [w.ended for w in day.workers if w is not day.victim and w.ended]
+    for start, end, status in day.parent_seen:
+        if status != "RUNNING":
+            assert not in_flight(start, end), f"the parent run was {status} while trials {in_flight(start, end)} ran"
+    assert any(
+        status == "RUNNING" and in_flight(start, end) and any(e < start for e in ended)
+        for start, end, status in day.parent_seen
+    ), "no look at the parent run while one worker trained and another had ended"
     parents, _ = study_runs(team.env, STUDY)
-    last = max(w.ended or 0.0 for w in day.workers if w is not day.victim)
-    others = [w.ended or 0.0 for w in day.workers if w is not day.victim and w.ended != last]
-    assert parents[0].info.end_time / 1000 >= max(others)
+    assert parents[0].info.status == "FINISHED"
+    last_trial = max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete)
+    assert parents[0].info.end_time / 1000 >= last_trial
 
 
 def test_the_killed_workers_trial_is_failed_by_the_heartbeat(team: Team, day: Day) -> None:
