@@ -181,3 +181,25 @@ def test_an_unreachable_mlflow_database_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.startswith(f"error: the MLflow database postgresql://{ROLE}:***@127.0.0.1:1/db cannot be used (")
     assert "Connection refused" in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert PASSWORD not in done.stderr and quote(PASSWORD, safe="") not in done.stderr
+
+
+@pytest.mark.e2e  # a real server, and a process of its own
+def test_mlflow_tracking_uri_may_name_the_database_itself(postgres: PostgresServer, tmp_path: Path) -> None:
+    """MLflow opens its store in PostgreSQL directly (it creates its tables there); what it then says
+    (no model registered yet) is one line that does not show the password."""
+    url = postgres.create_database("direct")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mnist-predict"), str(a_digit(tmp_path))],
+        cwd=tmp_path,
+        env=venv_env(MLFLOW_TRACKING_URI=url),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    shown = f"postgresql://{ROLE}:***@127.0.0.1:{postgres.port}/direct"
+    expected = f"error: cannot load the model models:/mnist-bn-mlp@champion from {shown} ("
+    assert done.stderr.startswith(expected), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert PASSWORD not in done.stderr and quote(PASSWORD, safe="") not in done.stderr
+    assert "alembic_version" in postgres.sql("SELECT tablename FROM pg_tables", "direct")
