@@ -169,4 +169,8 @@ def optimize(
                 "(the study resumes where it stopped)."
             )
         if in_flight is not None:
-            fail_in_flight(shared, in_flight, outage)
+            try:
+                fail_in_flight(shared, in_flight, outage)
+            except Exception as error:  # gone again already: the next round says so and waits again
+                if outage_of(error, url) is None:
+                    raise
