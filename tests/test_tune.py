@@ -469,56 +469,6 @@ def wait_for_file(path: Path, process: subprocess.Popen[str]) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.e2e
-def test_the_parent_run_ends_with_the_last_worker_not_the_first(
-    workspace: Path, tune_env: dict[str, str], tmp_path: Path
-) -> None:
-    """Worker A has run its trial and is held at its exit; worker B runs its own trial and exits: the
-    parent stays RUNNING for A, and ends FINISHED when A exits."""
-    study, hold = f"{STUDY}-last", tmp_path / "hold"
-    a = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
-    try:
-        wait_for_file(hold.with_suffix(".reached"), a)
-        finish(tune(workspace, tune_env, "--study", study, "--trials", "1", *QUICK_SET))
-        parents, children = study_runs(tune_env, study)
-        assert [p.info.status for p in parents] == ["RUNNING"]
-        assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
-        hold.with_suffix(".go").touch()
-        finish(a)
-    finally:
-        if a.poll() is None:
-            a.kill()
-    parents, _ = study_runs(tune_env, study)
-    assert [p.info.status for p in parents] == ["FINISHED"]
-
-
-@pytest.mark.e2e
-def test_a_worker_killed_with_sigkill_does_not_keep_the_parent_running(
-    workspace: Path, tune_env: dict[str, str], tmp_path: Path
-) -> None:
-    """Worker A trains (200 epochs); worker B runs its trial and is held at its exit; A is killed with
-    SIGKILL; B exits: it is the last live worker and ends the parent run."""
-    study, hold = f"{STUDY}-sigkill", tmp_path / "hold"
-    long = ["--set", "train.epochs=200", "--set", "model.hidden_units=[64,32]"]
-    killed = tune(workspace, tune_env, "--study", study, "--trials", "1", *long)
-    b = None
-    try:
-        wait_for_first_epoch(tune_env, study, killed)
-        b = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
-        wait_for_file(hold.with_suffix(".reached"), b)
-        killed.kill()
-        killed.wait(timeout=60)
-        hold.with_suffix(".go").touch()
-        finish(b)
-    finally:
-        for process in (killed, b):
-            if process is not None and process.poll() is None:
-                process.kill()
-    parents, children = study_runs(tune_env, study)
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    assert sorted(c.info.status for c in children) == ["FINISHED", "RUNNING"]  # A's, until its heartbeat fails it
-
-
 def tune_in(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`mnist-tune --study s --trials 1` run in `folder` with this repository's code."""
     return subprocess.run(

@@ -4,8 +4,9 @@ last one leaves or dies, RUNNING again when a worker joins later.
 Workers here are `tune.workers.Workers` in this process (each its own record) on a real SQLite Optuna
 storage and a real SQLite MLflow store; interleavings are forced by holding one worker's thread at a
 chosen step. A worker killed outright is a record whose process has really ended (this host) or whose
-heartbeat count stands still (another host). tests/test_tune.py runs the same with real `mnist-tune`
-processes, one of them held at its exit or killed with SIGKILL.
+heartbeat count stands still (another host). The e2e tests at the end do the same with real
+`mnist-tune` processes against an `mlflow server`, one held at its exit or killed with SIGKILL (the
+command's helpers and fixtures are test_tune's).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_tune
 from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
+from test_tune import QUICK_SET, STUDY, finish, held_at_exit, study_runs, tune, wait_for_file, wait_for_first_epoch
 
 from pipeline import tracking
 from pipeline.tune import workers
 from pipeline.tune.workers import Workers
 
 WAIT = 60.0
+# the real command's fixtures, for this module's e2e tests: an `mlflow server` and a prepared clone
+tune_env, workspace = test_tune.tune_env, test_tune.workspace
 
 
 @pytest.fixture
@@ -198,3 +203,56 @@ def test_a_live_worker_puts_back_a_run_ended_under_it(
     assert reopened.is_set()
     assert worker.beats > 0
     assert worker.leave() == "FINISHED"
+
+
+# --- real `mnist-tune` workers --------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_parent_run_ends_with_the_last_worker_not_the_first(
+    workspace: Path, tune_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Worker A has run its trial and is held at its exit; worker B runs its own trial and exits: the
+    parent stays RUNNING for A, and ends FINISHED when A exits."""
+    study, hold = f"{STUDY}-last", tmp_path / "hold"
+    a = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
+    try:
+        wait_for_file(hold.with_suffix(".reached"), a)
+        finish(tune(workspace, tune_env, "--study", study, "--trials", "1", *QUICK_SET))
+        parents, children = study_runs(tune_env, study)
+        assert [p.info.status for p in parents] == ["RUNNING"]
+        assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+        hold.with_suffix(".go").touch()
+        finish(a)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    parents, _ = study_runs(tune_env, study)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_with_sigkill_does_not_keep_the_parent_running(
+    workspace: Path, tune_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Worker A trains (200 epochs); worker B runs its trial and is held at its exit; A is killed with
+    SIGKILL; B exits: it is the last live worker and ends the parent run."""
+    study, hold = f"{STUDY}-sigkill", tmp_path / "hold"
+    long = ["--set", "train.epochs=200", "--set", "model.hidden_units=[64,32]"]
+    killed = tune(workspace, tune_env, "--study", study, "--trials", "1", *long)
+    b = None
+    try:
+        wait_for_first_epoch(tune_env, study, killed)
+        b = held_at_exit(workspace, tune_env, hold, "--study", study, "--trials", "1", *QUICK_SET)
+        wait_for_file(hold.with_suffix(".reached"), b)
+        killed.kill()
+        killed.wait(timeout=60)
+        hold.with_suffix(".go").touch()
+        finish(b)
+    finally:
+        for process in (killed, b):
+            if process is not None and process.poll() is None:
+                process.kill()
+    parents, children = study_runs(tune_env, study)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "RUNNING"]  # A's, until its heartbeat fails it

@@ -59,7 +59,8 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
     before that tag, P's own reads come after both, find the alias unchanged since, and P would write
     (contradicting "last") unless it is already the best. If it came after, its writer's next read
     follows it, sees every tag and the alias as it stays, and that writer stops only when the two
-    agree. Writes computed from stale reads are each followed by a fresh read, so the loop ends.
+    agree. Once every tag is written, every read names the same best, so each promoter writes at most
+    once more and stops.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -76,9 +77,10 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
         try:
             client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, best)
         except MlflowException:
-            # Two first promoters may both create the alias: the store refuses the second row. Once an
-            # alias exists, writes replace it, so the read of the next round decides.
-            if _champion(client) is None:
+            # Two first promoters may both create the alias: the store refuses the second row. That
+            # race alone is retried (the alias was absent when read and is there now); once it exists,
+            # writes replace it.
+            if current is not None or _champion(client) is None:
                 raise
 
 
