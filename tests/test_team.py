@@ -224,7 +224,14 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
     workers += [start_worker(team, name, bob) for name in ("bob-1", "bob-2")]
     victim = workers[-1]
     try:
-        wait_for(lambda: all(started(team, w) for w in workers), 300, "all four workers in their first trial")
+
+        def all_started() -> bool:
+            for worker in workers:
+                if worker.popen.poll() is not None:
+                    pytest.fail(f"{worker.name} exited {worker.popen.returncode}: {worker.stderr()}")
+            return all(started(team, w) for w in workers)
+
+        wait_for(all_started, 300, "all four workers in their first trial")
         while True:  # stopped, it cannot finish the trial between the look and the kill
             victim.popen.send_signal(signal.SIGSTOP)
             number = training(team, victim)

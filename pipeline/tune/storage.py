@@ -43,12 +43,14 @@ def storage_setting(option: str | None) -> str:
 
 
 def _creation_race(error: Exception) -> bool:
-    """Two workers creating the tables of a new database at once: the loser's error, worth a retry."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    """Two workers creating the tables of a new database at once: the loser's error, worth a retry
+    (SQLite: locked, or the table already exists; PostgreSQL: a duplicate row in its catalog, or the
+    type of Optuna's enum columns created since it looked)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     text = str(error)
     return isinstance(error, IntegrityError) or (
-        isinstance(error, OperationalError) and ("already exists" in text or "locked" in text)
+        isinstance(error, (OperationalError, ProgrammingError)) and ("already exists" in text or "locked" in text)
     )
 
 
