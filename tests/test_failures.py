@@ -13,10 +13,11 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,55 @@ def test_killed_repro_recovers_on_the_next_run(repo: Path) -> None:
     sh("dvc", "repro", cwd=repo, env=ENV)
     assert "Running stage" not in sh("dvc", "repro", cwd=repo, env=ENV).stdout
     assert sh("dvc", "status", cwd=repo, env=ENV).stdout.strip().endswith("up to date.")
+
+
+@contextmanager
+def locked_store(repo: Path) -> Iterator[sqlite3.Connection]:
+    """The clone's mlflow.db held under an exclusive SQLite lock, as another process writing to it would:
+    nobody else can read or write it until the block ends."""
+    holder = sqlite3.connect(repo / "mlflow.db", isolation_level=None, timeout=30)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        yield holder
+    finally:
+        holder.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_files_staged_by_a_stage_killed_while_logging_are_removed_by_the_next_run(repo: Path) -> None:
+    """SIGKILL (nothing can clean up) while the stage records its run: its staged outputs stay on disk,
+    held by no process; the next `dvc repro` removes them, and only them."""
+    set_params(repo, train__seed=7)  # a training whose outputs differ from the committed ones
+    outputs = stage_outputs(repo, "train")
+    users_file = repo / "models" / ".model.keras.mine.tmp.keras"  # looks alike, but is not of our naming
+    users_file.write_text("a user's notes\n")
+    command = [sys.executable, "-m", "pipeline.train"]
+    with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
+        for line in process.stderr:
+            if line.startswith("epoch 1/"):
+                break
+        # the training touches no store until it has staged its outputs: from now on it must wait for us
+        with locked_store(repo):
+            wait_for(lambda: len(leftovers(repo, outputs)) == len(outputs) + 1, 120, "the staged outputs")
+            time.sleep(0.5)  # the last one is being written; the stage is then waiting for the store
+            process.kill()
+            process.wait(timeout=60)
+        staged = [tmp for tmp in leftovers(repo, outputs) if tmp != users_file]
+    assert len(staged) == len(outputs), staged
+    killed = [r for r in all_runs(repo) if r.info.status == "RUNNING"]
+    assert len(killed) == 1
+    sh("dvc", "repro", cwd=repo, env=ENV)
+    assert leftovers(repo, outputs) == [users_file]
+    untracked = sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).stdout.splitlines()
+    assert [line for line in untracked if ".tmp" in line] == ["?? models/.model.keras.mine.tmp.keras"]
+    assert client(repo).get_run(killed[0].info.run_id).info.status == "KILLED"
+    users_file.unlink()
 
 
 # --- the XLA compilation cache ------------------------------------------------------------------------
