@@ -1,15 +1,13 @@
 """A reproducible, tracked DVC + MLflow pipeline for the batch-normalized MNIST network.
 
-One module per DVC stage (`download`, `prepare`, `train`, `evaluate`), configuration in `config`,
-everything MLflow in `tracking`, the network in `model`, the `mnist-predict` command in `predict`, and
-small shared helpers in `io`, `errors` and `plots`.
+One module per DVC stage (`download`, `prepare`, `train`, `evaluate`, with the training itself in
+`fit`), configuration and every path in `config`, the one boundary to MLflow in `tracking`, lineage
+(git, data hashes) in `lineage`, the network in `model`, the commands `mnist-predict`, `mnist-recipe`
+and `mnist-tune` in `predict`, `recipe` and `tune`, and small shared helpers in `io`, `errors`, `cli`,
+`plots`, `runtime` (how TensorFlow starts), `quiet` (the libraries' noise) and `timing`.
 """
 
 import os
 
-# Set before any stage imports TensorFlow or MLflow: Keras runs on TensorFlow, and the libraries' INFO
-# chatter is hidden so that real warnings stand out (PIPELINE_VERBOSE=1 shows it; see pipeline.quiet).
+# Keras 3 runs on TensorFlow here; set before anything imports Keras (the stages, the tests, a notebook).
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-if os.environ.get("PIPELINE_VERBOSE", "") in ("", "0"):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

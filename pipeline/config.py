@@ -48,6 +48,19 @@ MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
 
 
+def project_root(start: Path | None = None) -> Path:
+    """The repository the command runs in: the nearest folder up from `start` (the current directory)
+    holding dvc.yaml, mapped from DVC's experiment copies under `<root>/.dvc/tmp/exps/` to `<root>`, so
+    queued and `--temp` experiments use the main repository's stores and caches. Independent of where the
+    package is installed."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return next((folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here)
+
+
 def prepared_file(split: str) -> Path:
     """The .npz file of one split (`train`, `validation` or `test`)."""
     return PREPARED_DIR / f"{split}.npz"
@@ -191,7 +204,7 @@ def _describe(error: ErrorDetails, file: Path) -> str:
         hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(known)}."
         return f"{file}: unknown key '{key}'; {hint}"
     if error["type"] == "missing":
-        return f"{file}: '{key}' is missing; add it (the README lists every key with its default)."
+        return f"{file}: '{key}' is missing; add it (docs/parameters.md lists every key with its default)."
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and len(loc) <= 1:  # a rule across keys of a section or sections
         return f"{file}: {message}."

@@ -17,6 +17,10 @@ class PipelineError(Exception):
     """A problem the user can fix; its message says what is wrong and how."""
 
 
+class UsageError(PipelineError):
+    """The command line is wrong (a missing argument, an unknown option)."""
+
+
 class ConfigError(PipelineError):
     """params.yaml is not valid YAML or breaks the schema."""
 

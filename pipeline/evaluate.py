@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import io, quiet, timing
+from pipeline import io, lineage, quiet, timing
 from pipeline.config import (
     CONFUSION_FILE,
     CONFUSION_PNG,
@@ -93,7 +93,7 @@ def evaluate() -> dict[str, float]:
             raise DataError(f"{MODEL_FILE} outputs NaN or infinite values; retrain it with `dvc repro -f train`.")
         result, files = assess(test, probabilities)
     with timing.phase("import MLflow"):  # after TensorFlow: see runtime.import_tensorflow
-        import mlflow
+        tracking.mlflow_module()
     scalars = {key: value for key, value in result.items() if isinstance(value, float)}
     log.info(
         "test accuracy %.4f, macro F1 %.4f, log loss %.4f",
@@ -110,12 +110,11 @@ def evaluate() -> dict[str, float]:
         for path, content in files.items():
             out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
         out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
-        mlflow.set_tags(tags := tracking.data_tags({"test": test_file}))
+        tags = lineage.data_tags({"test": test_file})
         tracking.log_datasets({"test": test}, "evaluation", {"test": tags["data_md5.test"]})
-        mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
-        mlflow.log_text(result["report_text"], "evaluation/classification_report.txt")
+        texts = {"evaluation/classification_report.txt": result["report_text"]}
+        tracking.log_evaluation(scalars, tags, texts, result["report"])
         tracking.log_files({CONFUSION_PNG: files[CONFUSION_PNG], MISTAKES_PNG: files[MISTAKES_PNG]})
-        mlflow.log_dict(result["report"], "evaluation/classification_report.json")
         tracking.record_test_accuracy(run_id, scalars["accuracy"])
     return scalars
 

@@ -16,21 +16,19 @@ if any file failed.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tracking
-from pipeline.errors import DataError, PipelineError, TrackingError, report, run_stage
+from pipeline.cli import ArgumentParser
+from pipeline.errors import DataError, report, run_stage
 
 DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
 SIDE = 28  # the MNIST canvas
@@ -45,10 +43,6 @@ MAX_PIXELS = 40_000_000
 
 Classifier = Callable[[np.ndarray], np.ndarray]
 Prediction = tuple[Path, int, float]
-
-
-class UsageError(PipelineError):
-    """The command line is wrong (no image given, unknown option)."""
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -154,28 +148,7 @@ def load_keras(path: Path) -> Classifier:
 
 def load_mlflow(uri: str) -> Classifier:
     """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities."""
-    import mlflow
-
-    store = tracking.tracking_uri()
-    tracking.check_reachable(store)
-    # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
-    if (database := tracking.sqlite_path(store)) and not database.is_file():
-        raise TrackingError(
-            f"there is no MLflow store at {database}; run `dvc repro` to train and register a model, "
-            "set MLFLOW_TRACKING_URI, or pass --model models/model.keras."
-        )
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
-    _quiet_keras()
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
-        text = str(getattr(error, "message", "") or error).strip()
-        reason = text.splitlines()[0] if text else type(error).__name__
-        raise TrackingError(
-            f"cannot load the model {uri} from {store} ({reason}); run `dvc repro` to train and register one, "
-            "or pass --model with another URI or a .keras file."
-        ) from None
+    model = tracking.load_model(uri, before_load=_quiet_keras)
     return lambda x: np.asarray(model.predict(x), dtype=np.float64)
 
 
@@ -212,16 +185,10 @@ def classify(
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A wrong command line is a user mistake like any other: one `error:` line, no usage dump."""
-        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ').strip()}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and print `file<TAB>digit<TAB>probability` for each image it can classify;
     exit 1 after one `error:` line per file it cannot."""
-    parser = _Parser(prog="mnist-predict", description="Classify images of handwritten digits.")
+    parser = ArgumentParser(prog="mnist-predict", description="Classify images of handwritten digits.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, one digit each")
     parser.add_argument(
         "--model",
@@ -243,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run() -> None:
-    """The console script. MLflow's info logs and download bars are silenced so stderr holds only problems."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """The console script. MLflow's info logs are silenced so stderr holds only problems."""
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     run_stage(lambda: main(sys.argv[1:]))
 

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import io, quiet, timing
+from pipeline import io, lineage, quiet, timing
 from pipeline.config import (
     CURVES_FILE,
     HISTORY_FILE,
@@ -23,6 +23,7 @@ from pipeline.config import (
     Params,
     load_params,
     prepared_file,
+    project_root,
 )
 from pipeline.errors import run_stage
 from pipeline.fit import EpochResult, Fitted, fit
@@ -81,18 +82,17 @@ def train(params: Params) -> Fitted:
     with timing.phase("import TensorFlow and MLflow"):
         from pipeline import model, plots, runtime, tracking
 
-        root = tracking.project_root()
-        runtime.import_tensorflow(root)  # first, so that its start-up noise is filtered
-        import mlflow  # noqa: F401  (here, so that the phases below time work, not imports)
+        runtime.import_tensorflow(project_root())  # first, so that its start-up noise is filtered
+        tracking.mlflow_module()  # here, so that the phases below time work, not imports
     with timing.phase("load data, lineage tags"):
         data_files = {split: prepared_file(split) for split in ("train", "validation")}
         train_set, validation = (io.load_split(path) for path in data_files.values())
-        tags = tracking.lineage_tags(PARAMS_FILE, data_files)
+        tags = lineage.lineage_tags(PARAMS_FILE, data_files)
         digests = {split: tags[f"data_md5.{split}"] for split in data_files}
 
     with ExitStack() as stack:
         with timing.phase("MLflow: start the run, params, datasets"):
-            run_id = stack.enter_context(tracking.run(run_name=tracking.dvc_experiment(), tags=tags))
+            run_id = stack.enter_context(tracking.run(run_name=lineage.dvc_experiment(), tags=tags))
             out = stack.enter_context(io.staged_outputs())
             tracking.log_params(params.flat())
             tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)

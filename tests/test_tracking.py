@@ -20,7 +20,7 @@ import mlflow
 import pytest
 from workspace import REPO, free_port
 
-from pipeline import tracking
+from pipeline import config, lineage, tracking
 from pipeline.errors import Terminated, TrackingError
 
 
@@ -46,14 +46,14 @@ def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_project_root_is_the_repository_holding_the_current_directory(tmp_path: Path) -> None:
     (tmp_path / "repo" / "pipeline").mkdir(parents=True)
     (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
-    assert tracking.project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
-    assert tracking.project_root(tmp_path / "repo") == tmp_path / "repo"
-    assert tracking.project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
+    assert config.project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
+    assert config.project_root(tmp_path / "repo") == tmp_path / "repo"
+    assert config.project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
 
 
 def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
     copy = Path("/home/me/repo/.dvc/tmp/exps/tmpab12cd")
-    assert tracking.project_root(copy) == Path("/home/me/repo")
+    assert config.project_root(copy) == Path("/home/me/repo")
 
 
 def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_unreachable_server_fails_fast_naming_the_uri() -> None:
 
 def test_server_that_never_answers_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     """The port is open (the kernel completes the handshake) but nothing ever replies."""
-    monkeypatch.setattr(tracking, "_PROBE_TIMEOUT", (0.5, 0.5))
+    monkeypatch.setattr(tracking.store, "_PROBE_TIMEOUT", (0.5, 0.5))
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -230,9 +230,9 @@ def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: p
     data = tmp_path / "train.npz"
     data.write_bytes(b"abc")
     monkeypatch.setenv("DVC_EXP_NAME", "quick-fox")
-    tags = tracking.lineage_tags(params, {"train": data})
+    tags = lineage.lineage_tags(params, {"train": data})
     assert tags["data_md5.train"] == "900150983cd24fb0d6963f7d28e17f72"  # md5("abc"), as dvc.lock records it
-    assert tags["params_md5"] == tracking.file_md5(params)
+    assert tags["params_md5"] == lineage.file_md5(params)
     assert tags["dvc_experiment"] == "quick-fox"
     assert len(tags["git_commit"]) == 40
     assert tags["git_dirty"] in {"true", "false"}
@@ -281,7 +281,7 @@ def test_runs_of_dead_processes_on_this_host_are_marked_killed(store: str, caplo
     elsewhere = running_run(client, experiment_id, host=f"not-{here}", pid=str(gone))
     untagged = running_run(client, experiment_id)
     with caplog.at_level(logging.INFO, logger="pipeline.tracking"):
-        ended = tracking.end_orphaned_runs(client, experiment_id)
+        ended = tracking.end_orphaned_runs(experiment_id)
     assert sorted(ended) == sorted([dead, reused])
     assert {run: run_status(run) for run in (dead, reused, alive, elsewhere, untagged)} == {
         dead: "KILLED",
@@ -295,7 +295,7 @@ def test_runs_of_dead_processes_on_this_host_are_marked_killed(store: str, caplo
         f"MLflow run {run} was left RUNNING by process {pid} on {here}, which no longer exists; marked KILLED"
         for run, pid in ((dead, gone), (reused, me["pid"]))
     )
-    assert tracking.end_orphaned_runs(None, experiment_id) == []  # KILLED runs are not RUNNING any more
+    assert tracking.end_orphaned_runs(experiment_id) == []  # KILLED runs are not RUNNING any more
 
 
 def test_every_run_names_its_process_also_when_resumed(store: str) -> None:
@@ -308,7 +308,7 @@ def test_every_run_names_its_process_also_when_resumed(store: str) -> None:
     mlflow.MlflowClient().set_tag(run_id, "pid", str(dead_pid()))
     with tracking.resume(run_id):
         assert mlflow.get_run(run_id).data.tags["pid"] == str(os.getpid())
-        assert tracking.end_orphaned_runs(None, mlflow.get_run(run_id).info.experiment_id) == []
+        assert tracking.end_orphaned_runs(mlflow.get_run(run_id).info.experiment_id) == []
     assert run_status(run_id) == "FINISHED"
 
 

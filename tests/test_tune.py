@@ -24,20 +24,12 @@ import yaml
 from workspace import REPO, clone, sh, venv_env
 
 from pipeline.config import SEARCH_SPACE_FILE, load_params
-from pipeline.errors import ConfigError
-from pipeline.tune import (
-    SearchSpace,
-    UsageError,
-    differences,
-    make_sampler,
-    parse_args,
-    parse_set,
-    read_space,
-    trial_params,
-)
+from pipeline.errors import ConfigError, UsageError
+from pipeline.tune.command import parse_args
+from pipeline.tune.space import SearchSpace, differences, parse_set, read_space, trial_params
+from pipeline.tune.study import make_sampler
 
 BASE = load_params(REPO / "params.yaml")
-TUNE_FILES = ("pipeline/tune.py", "recipes/search_space.yaml")
 
 
 def space_file(tmp_path: Path, document: object) -> Path:
@@ -225,7 +217,7 @@ def test_trials_draw_from_the_seed_and_their_number() -> None:
 
 
 def test_a_resumed_study_may_change_ranges_but_not_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.tune import DEFINITION_ATTR, _check_definition
+    from pipeline.tune.study import DEFINITION_ATTR, _check_definition
 
     study = optuna.create_study(study_name="defined", direction="maximize")
     study.set_user_attr(DEFINITION_ATTR, read_space(REPO / SEARCH_SPACE_FILE, BASE, {}).definition())
@@ -266,10 +258,6 @@ def tune_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 def workspace(tmp_path_factory: pytest.TempPathFactory, tune_env: dict[str, str]) -> Path:
     """A clone with the prepared data (the real `dvc repro prepare`), and nothing trained."""
     root = clone(tmp_path_factory.mktemp("tune") / "repo")
-    for name in TUNE_FILES:  # until they are committed: the clone holds tracked files only
-        if not (root / name).exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
     sh("dvc", "repro", "prepare", cwd=root, env=tune_env, timeout=300)
     return root
 
@@ -408,7 +396,10 @@ def wait_for_first_epoch(env: dict[str, str], study: str, process: subprocess.Po
 def test_the_trial_of_a_killed_worker_is_failed_by_the_next(workspace: Path, tune_env: dict[str, str]) -> None:
     study = f"{STUDY}-killed"
     # the real command with a 1 s heartbeat and a 2 s grace period instead of 30 s and 120 s
-    short = "import sys, pipeline.tune as t; t.HEARTBEAT_SECONDS, t.GRACE_SECONDS = 1, 2; t.run()"
+    short = (
+        "from pipeline.tune import command, storage; storage.HEARTBEAT_SECONDS, storage.GRACE_SECONDS = 1, 2; "
+        "command.run()"
+    )
     args = ["--study", study, "--trials", "1", "--set", "model.hidden_units=[64,32]"]
     command = [sys.executable, "-c", short, *args]
     killed = subprocess.Popen(

@@ -1,0 +1,110 @@
+"""The model registry: each training's model as a version of `mnist-bn-mlp`, the `champion` alias, and
+loading a registered model for `mnist-predict`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from io import StringIO
+from typing import Any
+
+from pipeline.errors import TrackingError
+from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
+
+REGISTERED_MODEL = "mnist-bn-mlp"
+CHAMPION = "champion"
+
+
+def _version_of(run_id: str) -> Any | None:
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def promote_if_better(run_id: str, val_accuracy: float) -> bool:
+    """Tag the run's model version with its validation accuracy, and move the `champion` alias to it
+    only if it is strictly better than the champion's (the test set never chooses); say if it moved."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    version = _version_of(run_id)
+    if version is None:
+        return False
+    client = MlflowClient()
+    client.set_model_version_tag(REGISTERED_MODEL, version.version, "val_accuracy", f"{val_accuracy:.6f}")
+    try:
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        best = float(champion.tags.get("val_accuracy", "-1"))
+    except MlflowException:  # no champion yet
+        best = -1.0
+    if val_accuracy <= best:
+        return False
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
+    return True
+
+
+def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
+    """Tag the run's model version with its test accuracy: reported beside it, never used to choose."""
+    from mlflow import MlflowClient
+
+    if version := _version_of(run_id):
+        MlflowClient().set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
+
+
+def log_model(model: Any, example: Any) -> str:
+    """Log the model with a softmax head (it serves class probabilities), a signature and an example into
+    the active run, and register it as a new version of `mnist-bn-mlp`; return the version."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    from pipeline.model import with_softmax
+    from pipeline.quiet import filtered_stderr
+
+    served = with_softmax(model)
+    signature = infer_signature(example, served(example).numpy())
+    # MLflow checks the input example by reloading the model and predicting it: Keras' progress bar (on
+    # stdout) and TensorFlow's C++ log lines of that check are noise, and so is the registry's chatter.
+    with contextlib.redirect_stdout(StringIO()), filtered_stderr():
+        # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
+        # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
+        info = mlflow.tensorflow.log_model(
+            served,
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=REGISTERED_MODEL,
+            # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
+            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+        )
+    return str(info.registered_model_version)
+
+
+
+def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
+    """Any MLflow model URI (`models:/mnist-bn-mlp@champion`, `runs:/...`) as a pyfunc model, resolved
+    against the pipeline's store; every way it cannot be loaded from here is one TrackingError.
+    `before_load` runs once the store is known to be usable (the caller's slow TensorFlow start-up)."""
+    from pipeline.tracking.store import check_reachable
+
+    store = tracking_uri()
+    check_reachable(store)
+    # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
+    if (database := sqlite_path(store)) and not database.is_file():
+        raise TrackingError(
+            f"there is no MLflow store at {database}; run `dvc repro` to train and register a model, "
+            "set MLFLOW_TRACKING_URI, or pass --model models/model.keras."
+        )
+    mlflow = mlflow_module()
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    before_load()
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
+        raise TrackingError(
+            f"cannot load the model {uri} from {store} ({first_line(error)}); run `dvc repro` to train and "
+            "register one, or pass --model with another URI or a .keras file."
+        ) from None

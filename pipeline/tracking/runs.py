@@ -1,0 +1,265 @@
+"""Runs: one run per training (resumed by evaluation), child runs of a search, and what they record.
+
+A run never stays RUNNING: it ends KILLED on Ctrl-C/SIGTERM and FAILED on error, and if its process is
+killed outright, the next run on the same host marks it KILLED (each run records its host and process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import Terminated, TrackingError
+from pipeline.timing import process_start
+from pipeline.tracking.store import connect, first_line, mlflow_module, store_errors, store_failures, tracking_uri
+
+log = logging.getLogger("pipeline.tracking")
+
+# Tags naming the process that holds a run RUNNING, so a later run can tell one whose process was
+# killed (kill -9, OOM killer, power loss) from one still training.
+HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
+
+
+def process_tags() -> dict[str, str]:
+    """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    if start := process_start(os.getpid()):
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
+    if Path("/proc/self/stat").exists():
+        now = process_start(pid)
+        return now is None or (start is not None and now != start)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose process, on this host, no longer exists.
+
+    A process killed with SIGKILL cannot end its run, which would otherwise stay RUNNING forever. Runs
+    tagged by another host, or without the process tags (older runs), are left alone: their process may
+    be alive where we cannot see it. Returns the ids of the runs it ended.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{host}'"
+    ended: list[str] = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
+        for found in page:
+            tags = found.data.tags
+            pid = tags.get(PID_TAG, "")
+            if not pid.isdigit() or not _process_gone(int(pid), tags.get(PID_START_TAG)):
+                continue
+            client.set_terminated(found.info.run_id, "KILLED")
+            ended.append(found.info.run_id)
+            log.info(
+                "MLflow run %s was left RUNNING by process %s on %s, which no longer exists; marked KILLED",
+                found.info.run_id,
+                pid,
+                host,
+            )
+        page_token = page.token
+        if not page_token:
+            return ended
+
+
+@contextmanager
+def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
+    """Start (or resume, with `run_id`) a run and yield its id. It never stays RUNNING: a new run ends
+    KILLED on Ctrl-C/SIGTERM and FAILED on error, and, if this process is killed outright, KILLED by the
+    next run on this host (`end_orphaned_runs`). A resumed run (evaluation logging into its training)
+    that fails gets its earlier status back, with the tag `resume_failed`: a finished training stays so."""
+    from mlflow.entities import RunTag
+
+    experiment_id = connect()
+    mlflow = mlflow_module()
+    end_orphaned_runs(experiment_id)
+    tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
+    client = mlflow.MlflowClient()
+    earlier = client.get_run(run_id).info.status if run_id else None
+    if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
+    )
+
+    def end(status: str, reason: str) -> None:
+        try:
+            if earlier:
+                client.set_tag(active.info.run_id, "resume_failed", reason)
+            mlflow.end_run(earlier or status)
+        except store_failures():
+            pass  # the store itself is failing: the error being raised says so
+
+    try:
+        yield active.info.run_id
+    except (KeyboardInterrupt, Terminated):
+        end("KILLED", "interrupted")
+        raise
+    except store_failures() as error:
+        # the stage's own file errors are PipelineErrors already: what is left is the store failing
+        end("FAILED", first_line(error))
+        with store_errors(
+            "recording the run",
+            "check the store (disk, permissions, server) and run again. The previous outputs were left as they were",
+        ):
+            raise
+
+    except BaseException as error:
+        end("FAILED", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def resume(run_id: str) -> AbstractContextManager[str]:
+    """Re-open the run that trained the model, with a clear error if this store does not have it."""
+    connect()
+    if not run_exists(run_id):
+        raise TrackingError(
+            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {tracking_uri()}; "
+            "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
+        )
+    return run(run_id=run_id)
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    """Every params.yaml value of the active run, as `section.key`."""
+    mlflow_module().log_params(flat)
+
+
+def log_files(files: dict[Path, bytes | str]) -> None:
+    """Artifacts of the active run, each under its path in the repository (`plots/confusion.png`)."""
+    mlflow = mlflow_module()
+    with tempfile.TemporaryDirectory() as folder:
+        for path, content in files.items():
+            local = Path(folder) / path.name
+            if isinstance(content, str):
+                local.write_text(content, encoding="utf-8")
+            else:
+                local.write_bytes(content)
+            mlflow.log_artifact(str(local), artifact_path=path.parent.as_posix())
+
+
+def log_history(run_id: str, history: Sequence[Any]) -> None:
+    """Per-epoch metrics of `EpochResult`s (step = epoch), sent in a few batched requests."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, value, now, result.epoch)
+        for result in history
+        for key, value in asdict(result).items()
+        if key != "epoch"
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+
+
+def log_training(run_id: str, history: Sequence[Any], train_seconds: float, files: dict[Path, bytes | str]) -> None:
+    """The curves, the training time and the stage's plots; logged after the loop, outside its timing."""
+    mlflow = mlflow_module()
+    log_history(run_id, history)
+    mlflow.log_metric("train_seconds", train_seconds)
+    log_files(files)
+
+
+def log_datasets(splits: dict[str, Any], context: str, digests: dict[str, str]) -> None:
+    """Record each split (an `io.Split`) as an MLflow dataset input of the active run. Its digest is the
+    MD5 of its file, as in dvc.lock (`data_tags`), instead of MLflow's hash of a copy of the arrays."""
+    mlflow = mlflow_module()
+    from mlflow.data.numpy_dataset import from_numpy
+
+    for name, split in splits.items():
+        dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}", digest=digests[name])
+        mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
+
+
+
+def log_evaluation(scalars: dict[str, float], tags: dict[str, str], texts: dict[str, str], report: dict) -> None:
+    """The test metrics (`test_<name>`), tags, text artifacts by path and the classification report, into
+    the active run."""
+    mlflow = mlflow_module()
+    mlflow.set_tags(tags)
+    mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
+    for path, text in texts.items():
+        mlflow.log_text(text, path)
+    mlflow.log_dict(report, "evaluation/classification_report.json")
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether the store holds the run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+# --- runs that are not the active one: the search's parent and child runs ---------------------------
+
+
+def create_run(experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A new RUNNING run (not made active in this process), the child of `parent_run_id` if given; its id."""
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    parent = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
+    return str(MlflowClient().create_run(experiment_id, run_name=name, tags={**parent, **tags}).info.run_id)
+
+
+def log_run(
+    run_id: str,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
+) -> None:
+    """Parameters (as `mlflow.log_params` writes them: `str(value)`), metrics at `step` and tags of a
+    run, in one request."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id,
+        metrics=[Metric(key, value, now, step) for key, value in (metrics or {}).items()],
+        params=[Param(key, str(value)) for key, value in (params or {}).items()],
+        tags=[RunTag(key, value) for key, value in (tags or {}).items()],
+    )
+
+
+def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Tag a run and end it as `status` (FINISHED, FAILED, KILLED)."""
+    from mlflow import MlflowClient
+
+    if tags:
+        log_run(run_id, tags=tags)
+    MlflowClient().set_terminated(run_id, status)

@@ -1,0 +1,196 @@
+"""Where the MLflow store is, whether it answers, and the one translation of MLflow's errors.
+
+The default store is SQLite, `mlflow.db` at the repository root, with artifacts in `mlartifacts/`
+beside it, both found by absolute path: DVC runs `--temp` and queued experiments in copies under
+`.dvc/tmp/exps/`, and a store resolved from the current directory would silently lose those runs.
+`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from types import ModuleType
+
+import requests
+from filelock import FileLock
+
+from pipeline import quiet
+from pipeline.config import project_root
+from pipeline.errors import TrackingError
+
+EXPERIMENT = "mnist-batchnorm"
+# A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
+# first query (it opens the database), which is no reason to call it unreachable.
+_PROBE_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+# Every MLflow tracking server answers this with a JSON object; `/health` would not do: any web server
+# may answer 200 there.
+PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+_NO_ANSWER = (  # (text in the error of `requests`, what the message says)
+    ("Connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("Failed to resolve", "unknown host name"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
+)
+_SQLITE_TIMEOUT = 60
+# How MLflow behaves for the pipeline, set before MLflow is first imported (`mlflow_module`): fail fast
+# against a server that is down instead of minutes of retries, no download bars, no INFO chatter.
+_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def mlflow_module() -> ModuleType:
+    """`mlflow`, imported with the pipeline's settings (a user's own environment variables win)."""
+    for name, value in {**_SETTINGS, **({} if quiet.VERBOSE else {"MLFLOW_LOGGING_LEVEL": "WARNING"})}.items():
+        os.environ.setdefault(name, value)
+    import mlflow
+
+    return mlflow
+
+
+def store_failures() -> tuple[type[BaseException], ...]:
+    """What a failing store raises through MLflow: its own errors, file errors, HTTP errors."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError, requests.RequestException)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (MLflow's `.message` if it has one), else its type."""
+    text = str(getattr(error, "message", "") or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextmanager
+def store_errors(what: str, fix: str = "check the store (disk, permissions, server) and run again") -> Iterator[None]:
+    """The one translation of a failing store into the project's one-line TrackingError."""
+    try:
+        yield
+    except store_failures() as error:
+        raise TrackingError(
+            f"{what} in the MLflow store {tracking_uri()} failed ({type(error).__name__}: {first_line(error)}); {fix}."
+        ) from None
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the SQLite store at the repository root.
+
+    The busy timeout lets concurrent writers (`dvc queue start -j 2`) wait for each other's short
+    transactions instead of failing with "database is locked" after SQLite's default 5 s.
+    """
+    default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go to `mlartifacts/` beside the database, never into the current
+    directory (MLflow's default); a server keeps its own artifact store."""
+    database = sqlite_path(uri)
+    return (database.parent / "mlartifacts").as_uri() if database else None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within seconds, before any training, if the tracking store cannot be used.
+
+    A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
+    refuses us" each get their own message.
+    """
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
+        raise TrackingError(
+            f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
+        )
+
+
+def _unanswered(error: Exception) -> str:
+    """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
+    cause = error.__cause__ or error.__context__ or error
+    text = str(cause)
+    for marker, reason in _NO_ANSWER:
+        if marker in text:
+            return reason
+    return type(cause).__name__ if isinstance(cause, requests.RequestException) else text.splitlines()[0][:200]
+
+
+def _probe_server(uri: str) -> None:
+    """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
+    mlflow_module()
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri), PROBE, "GET", max_retries=0, timeout=_PROBE_TIMEOUT, raise_on_status=False
+        )
+    except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} is unreachable ({_unanswered(error)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to use the local store."
+        ) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    answered = f"HTTP {response.status_code} on {PROBE.split('?')[0]}"
+    if response.status_code == 200 and isinstance(body, dict) and set(body) <= {"experiments", "next_page_token"}:
+        return
+    if response.status_code in (401, 403):
+        raise TrackingError(
+            f"the server at {uri} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
+        )
+    if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
+        message = str(body.get("message", "")).splitlines()[:1]
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} answered with an error ({answered}: {body['error_code']}"
+            f"{': ' + message[0] if message else ''}); check the server and its log."
+        )
+    raise TrackingError(
+        f"the server at {uri} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+    )
+
+
+def connect() -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow = mlflow_module()
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    database = sqlite_path(uri)
+    # Two queued experiments may start on a store that does not exist yet: one process creates the
+    # tables and the experiment while the other waits, instead of both racing to create them.
+    with FileLock(f"{database}.lock") if database else nullcontext():
+        try:
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+            if experiment is not None:
+                return str(experiment.experiment_id)
+            try:
+                return str(mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri)))
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # on a server the file lock does not apply: another process created it a moment ago
+                return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"the MLflow store {uri} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
+            ) from None
+

@@ -1,0 +1,119 @@
+"""The `mnist-tune --study NAME --trials N` command: check everything, run this worker's trials, print
+the study's best."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline import io, lineage, quiet, runtime, tracking
+from pipeline.cli import ArgumentParser, positive, seed
+from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file, project_root
+from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
+from pipeline.tune.report import progress, summary, update_parent
+from pipeline.tune.space import parse_set, read_space
+from pipeline.tune.storage import shown_url, storage_url
+from pipeline.tune.study import STORE_FIX, make_objective, open_study
+
+if TYPE_CHECKING:
+    import argparse
+
+    import optuna
+    from optuna.trial import FrozenTrial
+
+log = logging.getLogger("pipeline.tune")
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Trial-level failures: recorded as FAIL, the study goes on. Anything else (the store failing) stops it.
+TRIAL_ERRORS: tuple[type[Exception], ...] = (DivergedError, ConfigError, ResourceError, DataError)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = ArgumentParser(prog="mnist-tune", description="Search hyper-parameters with Optuna.")
+    parser.add_argument("--study", required=True, help="the study's name: workers with one name share it")
+    parser.add_argument("--trials", required=True, type=positive, metavar="N", help="trials this process runs")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="pinned", help="pin a params.yaml key"
+    )
+    parser.add_argument(
+        "--space", type=Path, default=SEARCH_SPACE_FILE, metavar="FILE", help=f"default: {SEARCH_SPACE_FILE}"
+    )
+    parser.add_argument("--storage", metavar="URL", help="Optuna storage (default: OPTUNA_STORAGE, else optuna.db)")
+    parser.add_argument("--seed", type=seed, default=0, metavar="S", help="sampler seed (default 0)")
+    args = parser.parse_args(argv)
+    if not STUDY_NAME.fullmatch(args.study):
+        raise UsageError(
+            f"--study {args.study!r} is not allowed: use letters, digits, '.', '_' and '-' (it names DVC "
+            "experiments and MLflow runs), starting with a letter or digit."
+        )
+    return args
+
+
+def quiet_optuna() -> None:
+    """Optuna's INFO lines (and, at WARNING, a traceback per failed trial) would drown the line per trial;
+    the heartbeat and the constant liar are "experimental" arguments, which it warns about every time."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Check everything, then run this worker's trials and print the study's best."""
+    args = parse_args(argv)
+    quiet.configure_logging()
+    if not PARAMS_FILE.is_file():
+        raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
+    base = load_params()
+    space = read_space(args.space, base, parse_set(args.pinned, base))
+    train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
+
+    quiet_optuna()
+    experiment_id = tracking.connect()  # fails in seconds on a dead server
+    with tracking.store_errors("ending the runs of killed processes", STORE_FIX):
+        tracking.end_orphaned_runs(experiment_id)
+    url = storage_url(args.storage)
+    uri = tracking.tracking_uri()
+    if not args.storage and not os.environ.get("OPTUNA_STORAGE") and uri.startswith(("http://", "https://")):
+        log.warning(
+            "note: the study lives in %s on this machine; set OPTUNA_STORAGE=<the team's database URL> to "
+            "share it with workers on other machines.",
+            shown_url(url),
+        )
+    origin = lineage.lineage_tags(PARAMS_FILE, {s: prepared_file(s) for s in ("train", "validation")})
+    tags = {key: value for key, value in origin.items() if key != "params_md5"}  # a trial is not params.yaml
+    tags["optuna.storage"] = shown_url(url)
+    shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags)
+    runtime.import_tensorflow(project_root())  # before the first trial: its noise filtered, the cache on
+    objective = make_objective(shared, base, space, train, validation, tags)
+    mine: list[FrozenTrial] = []
+    try:
+        with progress(args.trials, args.study) as report:
+
+            def after(study: optuna.Study, trial: FrozenTrial) -> None:
+                mine.append(trial)
+                report(study, trial)
+
+            shared.study.optimize(objective, n_trials=args.trials, catch=TRIAL_ERRORS, callbacks=[after])
+    finally:
+        closing = tracking.store_errors("closing the study's parent run", STORE_FIX)
+        with contextlib.suppress(Exception) if sys.exc_info()[0] else closing:
+            update_parent(shared)
+    print("\n".join(summary(shared.study, base)), flush=True)
+    if mine and all(t.state.name == "FAIL" for t in mine):
+        first = mine[0].user_attrs.get("fail_reason", "see its MLflow run")
+        raise PipelineError(f"all {len(mine)} trials of this worker failed; the first: {first}")
+
+
+def run() -> None:
+    """The console script."""
+    run_stage(lambda: main(sys.argv[1:]))
+

@@ -1,0 +1,250 @@
+"""The search space: what a study varies and what it holds, read from `recipes/search_space.yaml` and
+`--set`, and checked against params.yaml's schema before any trial, with params.yaml's one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from pipeline import recipe
+from pipeline.config import SEARCH_SPACE_FILE, Params, read_yaml
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.distributions import BaseDistribution
+
+SET_SOURCE = Path("--set")  # how errors in --set values name their source
+TUNABLE_SECTIONS = ("model", "train")  # data.* and download.* shape the prepared data, not a trial
+DISTRIBUTION_KEYS = ("low", "high", "log", "step", "choices")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a study varies (`distributions`) and holds (`fixed`: the file's fixed values and `--set`)."""
+
+    distributions: dict[str, BaseDistribution]
+    fixed: dict[str, Any]
+    encoded: frozenset[str]  # keys whose choices are lists, held by Optuna as their JSON text
+
+    def definition(self) -> dict[str, Any]:
+        """A JSON-able description, kept with the study to notice when it resumes with another one."""
+        from optuna.distributions import distribution_to_json
+
+        return {
+            "space": {key: json.loads(distribution_to_json(d)) for key, d in self.distributions.items()},
+            "fixed": self.fixed,
+        }
+
+    def describe(self, key: str) -> str:
+        """`float in [0.0005, 0.01], log` / `one of [128, 256]`: for the parent run's parameters."""
+        return describe(self.distributions[key])
+
+
+def describe(d: BaseDistribution) -> str:
+    """A distribution in words; list choices (held as JSON text) shown as the lists they are."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(d, CategoricalDistribution):
+        return f"one of {[_decoded(choice) for choice in d.choices]}"
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    kind = "float" if isinstance(d, FloatDistribution) else "int"
+    extras = (", log" if d.log else "") + (f", step {d.step}" if d.step not in (None, 1) else "")
+    return f"{kind} in [{d.low}, {d.high}]{extras}"
+
+
+def _decoded(choice: Any) -> Any:
+    if isinstance(choice, str) and choice.startswith(("[", "{")):
+        with contextlib.suppress(ValueError):
+            return json.loads(choice)
+    return choice
+
+
+def _flat_keys(base: Params) -> list[str]:
+    return list(base.flat())
+
+
+def _check_key(key: Any, base: Params, file: Path, where: str) -> str:
+    """A `section.key` of params.yaml that a trial may vary; else one sentence with a suggestion."""
+    known = _flat_keys(base)
+    place = f" in {where}" if where else ""
+    if not isinstance(key, str) or key not in known:
+        leaf = str(key).rpartition(".")[2]  # train.dropout -> model.dropout: the name is right, the section not
+        close = [k for k in known if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(str(key), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "keys are params.yaml's, written section.key (train.epochs)."
+        raise ConfigError(f"{file}: unknown key '{key}'{place}; {hint}")
+    if key.partition(".")[0] not in TUNABLE_SECTIONS:
+        allowed = " and ".join(f"{section}.*" for section in TUNABLE_SECTIONS)
+        raise ConfigError(
+            f"{file}: {key}{place} cannot vary per trial: trials train on the data that `dvc repro prepare` made; "
+            f"only {allowed} keys can."
+        )
+    return key
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _schema_is_float(key: str) -> bool:
+    section, _, name = key.partition(".")
+    section_model = Params.model_fields[section].annotation
+    return section_model.model_fields[name].annotation is float  # type: ignore[union-attr]
+
+
+def _check_value(context: Params, key: str, role: str, value: Any, file: Path) -> None:
+    """`value` as `key` over `context` must pass params.yaml's schema; the error names the role."""
+    try:
+        recipe.apply(context, {key: value}, file)
+    except ConfigError as error:
+        text = str(error).removeprefix(f"{file}: ")
+        plain = f"{key} = {value!r} is not allowed: "
+        if text.startswith(plain):
+            raise ConfigError(f"{file}: space {key}: {role} {value!r} is not allowed: {text[len(plain) :]}") from None
+        raise ConfigError(f"{file}: space {key}: {role} {value!r} breaks a rule of params.yaml: {text}") from None
+
+
+def _distribution(key: str, spec: Any, context: Params, file: Path) -> tuple[BaseDistribution, bool]:
+    """The Optuna distribution of one entry of `space:`, checked; and whether its choices are encoded."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    where = f"{file}: space {key}"
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(
+            f"{where} = {spec!r} is not a distribution; write {{low: L, high: H}} (log: true, step: S optional) "
+            "or {choices: [A, B, ...]}."
+        )
+    for name in spec:
+        if name not in DISTRIBUTION_KEYS:
+            close = difflib.get_close_matches(str(name), DISTRIBUTION_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(DISTRIBUTION_KEYS)}."
+            raise ConfigError(f"{where}: unknown field '{name}'; {hint}")
+    if "choices" in spec:
+        if extra := [name for name in spec if name != "choices"]:
+            raise ConfigError(f"{where}: choices cannot be combined with {', '.join(extra)}; use one or the other.")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: choices = {choices!r} must be a non-empty list of values, e.g. [128, 256].")
+        if len({json.dumps(c, sort_keys=True) for c in choices}) < len(choices):
+            raise ConfigError(f"{where}: choices = {choices!r} lists a value twice; list each value once.")
+        for choice in choices:
+            _check_value(context, key, "choice", choice, file)
+        encoded = any(isinstance(c, (list, dict)) for c in choices)
+        held = [json.dumps(c) for c in choices] if encoded else choices
+        return CategoricalDistribution(held), encoded
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where}: give both low and high (or choices); got {spec!r}.")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    for role, value in (("low", low), ("high", high)):
+        if not _is_number(value):
+            raise ConfigError(f"{where}: {role} = {value!r} is not allowed: it must be a number.")
+    if not low < high:
+        raise ConfigError(f"{where}: low = {low!r} must be below high = {high!r}; for one value use fixed: instead.")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log = {log!r} is not allowed: it must be true or false.")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: low = {low!r} is not allowed with log: true; a log scale needs low > 0.")
+    integer = _is_int(low) and _is_int(high) and not _schema_is_float(key)
+    if step is not None:
+        if log:
+            raise ConfigError(f"{where}: step = {step!r} cannot be combined with log: true; drop one of them.")
+        if not (_is_int(step) if integer else _is_number(step)) or step <= 0:
+            kind = "a positive integer (low and high are integers)" if integer else "a positive number"
+            raise ConfigError(f"{where}: step = {step!r} is not allowed: it must be {kind}.")
+        if integer and (high - low) % step:
+            raise ConfigError(f"{where}: high - low = {high - low} is not a multiple of step = {step}; adjust high.")
+    _check_value(context, key, "low", low, file)
+    _check_value(context, key, "high", high, file)
+    if integer:
+        return IntDistribution(low, high, log=log, step=step or 1), False
+    return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step)), False
+
+
+def parse_set(values: Sequence[str], base: Params) -> dict[str, Any]:
+    """`--set section.key=value` options: values read as YAML, as `dvc exp run -S` reads them."""
+    pinned: dict[str, Any] = {}
+    for option in values:
+        key, equals, text = option.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"{SET_SOURCE} {option!r}: expected section.key=value, e.g. --set train.epochs=20.")
+        _check_key(key, base, SET_SOURCE, "")
+        try:
+            pinned[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            reason = str(getattr(error, "problem", None) or error)
+            raise ConfigError(f"{SET_SOURCE} {key}={text}: the value is not valid YAML ({reason}).") from None
+    return pinned
+
+
+def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
+    """The search space file, checked against params.yaml's schema; `pinned` (--set) overrides it."""
+    document = read_yaml(file, f"; pass --space FILE, or restore {SEARCH_SPACE_FILE} with git.")
+    document = {} if document is None else document
+    if not isinstance(document, dict):
+        raise ConfigError(f"{file}: expected the sections space: and fixed:, got {type(document).__name__}.")
+    for section in document:
+        if section not in ("space", "fixed"):
+            close = difflib.get_close_matches(str(section), ("space", "fixed"), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "allowed: space, fixed."
+            raise ConfigError(f"{file}: unknown section '{section}'; {hint}")
+    space, fixed = document.get("space") or {}, document.get("fixed") or {}
+    for name, section in (("space", space), ("fixed", fixed)):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{file}: {name}: must map section.key names to values, got {section!r}.")
+        for key in section:
+            _check_key(key, base, file, name)
+    if both := sorted(set(space) & set(fixed)):
+        raise ConfigError(f"{file}: {both[0]} is both in space: and in fixed:; keep it in one of them.")
+    fixed_params = recipe.apply(base, fixed, file)
+    context = recipe.apply(fixed_params, pinned, SET_SOURCE)
+    searched = {key: spec for key, spec in space.items() if key not in pinned}
+    if not searched:
+        raise ConfigError(f"{file}: space: names no key to search (or --set pins them all); add one.")
+    distributions: dict[str, BaseDistribution] = {}
+    encoded: set[str] = set()
+    for key, spec in searched.items():
+        distributions[key], is_encoded = _distribution(key, spec, context, file)
+        if is_encoded:
+            encoded.add(key)
+    return SearchSpace(distributions, {**fixed, **pinned}, frozenset(encoded))
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """The trial's values for the searched keys."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    values: dict[str, Any] = {}
+    for key, d in space.distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            value = trial.suggest_categorical(key, d.choices)
+            values[key] = json.loads(str(value)) if key in space.encoded else value
+        elif isinstance(d, FloatDistribution):
+            values[key] = trial.suggest_float(key, d.low, d.high, log=d.log, step=d.step)
+        else:
+            assert isinstance(d, IntDistribution)
+            values[key] = trial.suggest_int(key, d.low, d.high, log=d.log, step=d.step)
+    return values
+
+
+def trial_params(base: Params, space: SearchSpace, trial: optuna.Trial) -> Params:
+    """params.yaml with the study's fixed values and the trial's sampled ones; a combination the schema
+    refuses (rules across keys) fails the trial with the schema's sentence."""
+    return recipe.apply(base, {**space.fixed, **suggest(trial, space)}, Path(f"trial {trial.number}"))
+
+
+def differences(base: Params, flat: dict[str, Any]) -> dict[str, Any]:
+    """The values of `flat` that differ from params.yaml, in params.yaml's order."""
+    return {key: flat[key] for key, value in base.flat().items() if key in flat and flat[key] != value}
+

@@ -1,0 +1,273 @@
+"""The study that workers share: created or joined, its sampler and pruner, its MLflow parent run, and
+the objective that trains one trial in its own MLflow child run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline import io, recipe, runtime, tracking
+from pipeline.config import Params
+from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
+from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
+from pipeline.tune.storage import open_storage, shown_url
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import FrozenTrial
+
+    from pipeline.fit import EpochResult
+
+log = logging.getLogger("pipeline.tune")
+
+PARENT_ATTR = "mlflow_parent_run_id"
+DEFINITION_ATTR = "definition"
+PARENT_WAIT_SECONDS = 120.0
+PRUNER_STARTUP_TRIALS = 5
+# A failing MLflow store stops the worker with one line; the study itself resumes later.
+STORE_FIX = "check the store and run again (the study resumes where it stopped)"
+
+
+def trial_seed(seed: int, study: str, number: int) -> int:
+    """The seed of the random draws of trial `number` of `study`: distinct per study and trial, the same
+    every time for the same `--seed`."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, zlib.crc32(study.encode()), number]).generate_state(1)[0])
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """TPE with the constant liar, reseeded before each trial from `(seed, study name, trial number)`."""
+    from optuna.samplers import TPESampler
+
+    class TrialSeededTPE(TPESampler):
+        def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+            super().before_trial(study, trial)
+            # TPE and its random start-up sampler each hold one RandomState (Optuna 5; pinned <6)
+            state = trial_seed(seed, study.study_name, trial.number)
+            self._rng.rng.seed(state)
+            self._random_sampler._rng.rng.seed(state)
+
+    return TrialSeededTPE(seed=seed, constant_liar=True, multivariate=True)
+
+
+def make_pruner(space: SearchSpace, base: Params) -> optuna.pruners.BasePruner:
+    """Median pruning from a third of the epochs on (of the fewest epochs a trial may have)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    from optuna.pruners import MedianPruner
+
+    epochs = recipe.apply(base, space.fixed, SET_SOURCE).train.epochs
+    distribution = space.distributions.get("train.epochs")
+    if isinstance(distribution, CategoricalDistribution):
+        epochs = min(int(str(choice)) for choice in distribution.choices)
+    elif isinstance(distribution, IntDistribution):
+        epochs = distribution.low
+    return MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=max(epochs // 3, 1))
+
+
+@dataclass
+class Study:
+    """An Optuna study and its MLflow parent run, shared by every worker."""
+
+    study: optuna.Study
+    storage: RDBStorage
+    parent_run_id: str
+    experiment_id: str
+
+
+def _wait_for_parent(study: optuna.Study) -> str | None:
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if parent := study.user_attrs.get(PARENT_ATTR):
+            return str(parent)
+        time.sleep(0.5)
+    return None
+
+
+def _create_parent(
+    study: optuna.Study, experiment_id: str, space: SearchSpace, base: Params, tags: dict[str, str]
+) -> str:
+    name = study.study_name
+    with tracking.store_errors(f"creating the parent run of study {name}", STORE_FIX):
+        run_id = tracking.create_run(experiment_id, name, tags={"optuna.study": name, **tags})
+        context = recipe.apply(base, space.fixed, SET_SOURCE).flat()
+        params = {key: value for key, value in context.items() if key not in space.distributions}
+        params |= {f"search.{key}": space.describe(key) for key in space.distributions}
+        tracking.log_run(run_id, params=params)
+    study.set_user_attr(DEFINITION_ATTR, space.definition())
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def _check_definition(study: optuna.Study, space: SearchSpace) -> None:
+    """A resumed study may change its space or fixed values (noted), not a parameter's kind or choices."""
+    from optuna.distributions import check_distribution_compatibility, json_to_distribution
+
+    before = study.user_attrs.get(DEFINITION_ATTR)
+    if not before or before == json.loads(json.dumps(space.definition())):
+        return
+    for key, old in before["space"].items():
+        if key in space.distributions:
+            started = json_to_distribution(json.dumps(old))
+            try:
+                check_distribution_compatibility(started, space.distributions[key])
+            except ValueError:
+                raise ConfigError(
+                    f"study {study.study_name} searched {key} as {describe(started)}, not "
+                    f"{space.describe(key)}; a study cannot change a key's kind, log scale or choices: restore that "
+                    "entry, or start another --study."
+                ) from None
+    changed = sorted(
+        key
+        for key in {*before["space"], *space.distributions, *before["fixed"], *space.fixed}
+        if before["space"].get(key) != space.definition()["space"].get(key)
+        or before["fixed"].get(key) != space.fixed.get(key)
+    )
+    log.warning(
+        "note: study %s started with another search space or fixed values (%s differ); its earlier trials "
+        "were drawn from that one, the new trials from this one.",
+        study.study_name,
+        ", ".join(changed),
+    )
+
+
+def open_study(
+    name: str, url: str, space: SearchSpace, base: Params, seed: int, experiment_id: str, tags: dict[str, str]
+) -> Study:
+    """Create the study or join it; exactly one worker creates its MLflow parent run."""
+    import optuna
+    from optuna.exceptions import DuplicatedStudyError
+    from optuna.study import StudyDirection
+
+    storage = open_storage(url, close_stale_run)
+    try:
+        storage.create_new_study([StudyDirection.MAXIMIZE], name)
+        created = True
+    except DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=make_sampler(seed), pruner=make_pruner(space, base)
+    )
+    if study.direction != StudyDirection.MAXIMIZE:
+        raise ConfigError(
+            f"study {name} in {shown_url(url)} is not a maximization made by mnist-tune; use another --study."
+        )
+    if created:
+        parent = _create_parent(study, experiment_id, space, base, tags)
+    else:
+        _check_definition(study, space)
+        found = _wait_for_parent(study)
+        if found is None:  # its creator stopped between creating the study and its run
+            log.warning("note: study %s had no MLflow parent run; this worker creates it.", name)
+            found = _create_parent(study, experiment_id, space, base, tags)
+        parent = found
+        if not tracking.run_exists(parent):
+            raise TrackingError(
+                f"the MLflow parent run {parent} of study {name} is not in the store {tracking.tracking_uri()}; "
+                "point MLFLOW_TRACKING_URI at the store the study started with, or use another --study."
+            )
+    return Study(study, storage, parent, experiment_id)
+
+
+def mark_failed(shared: Study, trial: optuna.Trial) -> None:
+    """Record a trial FAIL that Optuna would leave RUNNING (it re-raises SIGTERM's exception untouched)."""
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(Exception):
+        study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
+        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        shared.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def close_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat callback: a trial of a worker that died was failed; close its run as FAILED too."""
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        reason = "its worker stopped sending heartbeats (killed, or its machine was lost)"
+        with contextlib.suppress(Exception):  # best effort: never stop this worker over another's run
+            tracking.end_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason})
+    log.warning("trial %d of study %s was failed: its worker stopped", trial.number, study.study_name)
+
+
+def make_objective(
+    shared: Study, base: Params, space: SearchSpace, train: io.Split, validation: io.Split, tags: dict[str, str]
+) -> Callable[[optuna.Trial], float]:
+    """Train one trial, recorded in its own MLflow child run, pruned when clearly behind."""
+    import optuna
+
+    name = shared.study.study_name
+
+    def objective(trial: optuna.Trial) -> float:
+        import keras
+
+        from pipeline.fit import fit
+
+        with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
+            run_id = tracking.create_run(
+                shared.experiment_id,
+                f"{name}/trial-{trial.number}",
+                parent_run_id=shared.parent_run_id,
+                tags={
+                    "optuna.study": name,
+                    "optuna.trial_number": str(trial.number),
+                    **tags,
+                    # host and pid: the next pipeline run on this host ends it KILLED if this worker is
+                    # killed outright (tracking.end_orphaned_runs); the next worker fails it (heartbeat)
+                    **tracking.process_tags(),
+                },
+            )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        status, state, reason = "FAILED", "FAIL", ""
+
+        def on_epoch(result: EpochResult) -> None:
+            with tracking.store_errors(f"logging epoch {result.epoch} of trial {trial.number}", STORE_FIX):
+                tracking.log_history(run_id, [result])
+            trial.report(result.val_accuracy, result.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_accuracy {result.val_accuracy:.4f} at epoch {result.epoch}")
+
+        try:
+            params = trial_params(base, space, trial)
+            flat = params.flat()
+            trial.set_user_attr("params", flat)
+            with tracking.store_errors(f"logging the parameters of trial {trial.number}", STORE_FIX):
+                tracking.log_run(run_id, params=flat)
+            with runtime.cache_errors_explained():
+                fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
+            with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
+                tracking.log_run(run_id, metrics={"train_seconds": fitted.train_seconds})
+            status, state = "FINISHED", "COMPLETE"
+            return fitted.history[-1].val_accuracy
+        except optuna.TrialPruned:
+            status, state = "KILLED", "PRUNED"
+            raise
+        except KeyboardInterrupt:
+            status, reason = "FAILED", "INTERRUPTED"
+            raise
+        except Terminated:
+            status, reason = "FAILED", "TERMINATED"
+            mark_failed(shared, trial)
+            raise
+        except Exception as error:
+            reason = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
+            trial.set_user_attr("fail_reason", reason[:1000])
+            raise
+        finally:
+            keras.backend.clear_session()  # free this trial's graphs before the next one
+            closing = {"optuna.state": state} | ({"optuna.fail_reason": reason[:5000]} if reason else {})
+            if sys.exc_info()[0] is None:
+                with tracking.store_errors(f"closing the run of trial {trial.number}", STORE_FIX):
+                    tracking.end_run(run_id, status, closing)
+            else:  # already failing: do not hide that error behind the store's
+                with contextlib.suppress(Exception):
+                    tracking.end_run(run_id, status, closing)
+
+    return objective
+
