@@ -18,13 +18,12 @@ from pathlib import Path
 
 from pipeline import processes
 
-process_start = processes.start  # its former home; pipeline.tracking imports it from here
 _phases: dict[str, float] = {}
 
 
 def process_seconds() -> float:
     """Wall seconds since this process started (Linux: from /proc; elsewhere: since this module loaded)."""
-    started = process_start(os.getpid())
+    started = processes.start(os.getpid())
     try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError):

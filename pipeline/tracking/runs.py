@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline import processes
 from pipeline.errors import Terminated, TrackingError
-from pipeline.timing import process_start
 from pipeline.tracking.store import connect, first_line, mlflow_module, store_errors, store_failures, tracking_uri
 
 log = logging.getLogger("pipeline.tracking")
@@ -31,23 +31,9 @@ HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
 def process_tags() -> dict[str, str]:
     """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-    if start := process_start(os.getpid()):
+    if start := processes.start(os.getpid()):
         tags[PID_START_TAG] = start
     return tags
-
-
-def _process_gone(pid: int, start: str | None) -> bool:
-    """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
-    if Path("/proc/self/stat").exists():
-        now = process_start(pid)
-        return now is None or (start is not None and now != start)
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, another user's
-        return False
-    return False
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
@@ -69,7 +55,7 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
         for found in page:
             tags = found.data.tags
             pid = tags.get(PID_TAG, "")
-            if not pid.isdigit() or not _process_gone(int(pid), tags.get(PID_START_TAG)):
+            if not pid.isdigit() or not processes.gone(int(pid), tags.get(PID_START_TAG)):
                 continue
             client.set_terminated(found.info.run_id, "KILLED")
             ended.append(found.info.run_id)
