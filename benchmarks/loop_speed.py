@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the package, and the tests' copy of the repository
+
+from workspace import clone  # noqa: E402
 
 from pipeline.config import PARAMS_FILE, PREPARED_DIR, load_params  # noqa: E402
 
@@ -52,15 +53,9 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, fl
 
 
 def scratch_copy(destination: Path) -> Path:
-    """The repository's tracked files and prepared data, as a fresh git repository, with `dvc repro` run once."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in filter(None, tracked.stdout.split("\0")):
-        if (REPO / name).is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, destination / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "scratch"], ["dvc", "repro"]):
-        identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"] if command[0] == "git" else []
-        subprocess.run(command[:1] + identity + command[1:], cwd=destination, check=True, capture_output=True)
+    """The repository's tracked files as a fresh git repository (the tests' `clone`), with `dvc repro` run once."""
+    clone(destination)
+    subprocess.run(["dvc", "repro"], cwd=destination, check=True, capture_output=True)
     return destination
 
 

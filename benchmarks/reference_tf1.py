@@ -1,6 +1,7 @@
 """The tutorial's TF1 graph program, rendered faithfully on TensorFlow 2.21, as the speed and accuracy yardstick.
 
-Why this file exists: the project rebuilds a tutorial program (see shared SEED.md) as a tracked Keras 3
+Why this file exists: the project rebuilds a classic TensorFlow 1 tutorial program (the batch-normalized
+300-100 network of Hands-On Machine Learning's chapter 11, trained by plain graph code) as a tracked Keras 3
 pipeline, and claims to reproduce its accuracy at a lower training time. A claim like that needs the
 original measured on the same machine, with the same prepared data, in the same way. This script is that
 original: graph mode through `tf.compat.v1`, the same layers, seeds, optimizer, batching and per-epoch

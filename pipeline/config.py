@@ -171,7 +171,7 @@ class Params(_Section):
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} is larger than the training set "
                 f"({MNIST_TRAIN_SIZE} - data.validation_size = {train_size} images); "
-                f"use a batch size between 1 and {train_size}"
+                f"use a batch size between 2 and {train_size}"
             )
         return self
 

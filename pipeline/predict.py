@@ -1,17 +1,14 @@
 """Command `mnist-predict IMAGE [IMAGE ...] [--model URI_OR_PATH]`: classify photos or scans of digits.
 
-The network only knows MNIST's conventions, so each image is brought to them first: white digit on a
-black background, cropped to the digit, its longer side scaled to 20 px, pasted into a 28x28 canvas with
-its centre of mass at the centre, pixels / 255 flattened to 784 values. Without this a dark digit on
-white paper, or a digit off-centre in a large photo, is classified as noise.
+The network only knows MNIST's conventions, so each image is brought to them first: white digit on
+black, cropped to the digit, its longer side scaled to 20 px, centred by its centre of mass on a 28x28
+canvas, pixels / 255. Without this a dark digit on white paper, or one off-centre in a photo, is noise.
 
-The default model is the registry's champion, `models:/mnist-bn-mlp@champion`, in the store the
-pipeline uses (`pipeline.tracking`: `MLFLOW_TRACKING_URI`, else `mlflow.db` at the repository root).
-`--model` takes any MLflow model URI, or a `.keras` file such as `models/model.keras` (which outputs
-logits, so its softmax is taken). One tab-separated line per image, `file digit probability`, so
-scripts can cut or sort the output. A file that cannot be used (missing, not an image, blank, larger than
-`MAX_PIXELS`) gets one `error:` line on stderr and the others are still classified; the exit code is 1
-if any file failed.
+The default model is the registry's champion in the pipeline's store; `--model` takes any MLflow model
+URI, or a `.keras` file such as `models/model.keras` (logits out, so its softmax is taken). One
+tab-separated line per image, `file digit probability`. A file that cannot be used (missing, not an
+image, blank, above `MAX_PIXELS`) gets one `error:` line on stderr, the others are still classified,
+and the exit code is 1.
 """
 
 from __future__ import annotations

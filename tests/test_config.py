@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, validate_params
+from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, project_root, validate_params
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +139,7 @@ def test_batch_size_larger_than_the_training_set(tmp_path: Path) -> None:
     assert "params.yaml" in message
     assert "train.batch_size" in message
     assert "55001" in message
-    assert "between 1 and 55000" in message
+    assert "between 2 and 55000" in message
 
     document["train"]["batch_size"] = 55000  # the largest allowed value is accepted
     assert load_params(write_params(tmp_path, document)).train.batch_size == 55000
@@ -403,3 +405,69 @@ def test_paths_in_dvc_yaml_are_the_ones_the_stages_write() -> None:
         assert sorted(declared) == sorted(str(path) for path in STAGE_OUTPUTS[name]), name
         assert stage["cmd"] == f"python -m pipeline.{name}"
         assert f"pipeline/{name}.py" in stage["deps"]
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO_PARAMS.parent.joinpath(*name.split("."))
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
+
+
+def _imported_names(tree: ast.Module) -> Iterator[str]:
+    """Every module an import in the file may load: at the top or inside functions, not under TYPE_CHECKING."""
+    nodes: list[ast.AST] = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            nodes.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module  # `from pipeline import io` loads pipeline.io: both names are tried
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        nodes.extend(ast.iter_child_nodes(node))
+
+
+def imported_files(module: str) -> set[str]:
+    """The package's files that running `python -m <module>` can import, parent packages included."""
+    seen: set[str] = set()
+    pending = [module]
+    while pending:
+        parts = pending.pop().split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[:depth])
+            if name in seen or (path := _module_file(name)) is None:
+                continue
+            seen.add(name)
+            names = _imported_names(ast.parse(path.read_text(encoding="utf-8")))
+            pending.extend(found for found in names if found.split(".")[0] == "pipeline")
+    return {str(path.relative_to(REPO_PARAMS.parent)) for name in seen if (path := _module_file(name))}
+
+
+def test_each_stage_lists_every_module_it_runs_as_a_dep() -> None:
+    """A change in any module a stage imports can change its outputs, so DVC must re-run it: the code deps
+    of each stage in dvc.yaml are exactly the package files its imports reach."""
+    stages = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        code = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
+        assert code == imported_files(f"pipeline.{name}"), name
+
+
+def test_the_import_walk_finds_imports_inside_functions() -> None:
+    """The walk sees what evaluate imports only inside functions (the model, the tracking boundary)."""
+    files = imported_files("pipeline.evaluate")
+    assert {"pipeline/model.py", "pipeline/tracking/store.py", "pipeline/__init__.py"} <= files
+    assert "pipeline/tune/study.py" not in files and "pipeline/predict.py" not in files
+
+
+def test_project_root_is_the_repository_holding_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "pipeline").mkdir(parents=True)
+    (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
+    assert project_root(tmp_path / "repo") == tmp_path / "repo"
+    assert project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
+
+
+def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
+    copy = Path("/home/me/repo/.dvc/tmp/exps/tmpab12cd")
+    assert project_root(copy) == Path("/home/me/repo")

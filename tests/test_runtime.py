@@ -38,3 +38,16 @@ def test_keras_optional_integrations_stay_out_and_import_later() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "later ok"]
+
+
+@pytest.mark.e2e  # a process of its own
+def test_keras_still_imports_its_optional_integrations_unless_hidden() -> None:
+    """The hiding has a purpose only while Keras imports these at start-up (0.5 s of CPU and 60 MiB per
+    stage, docs/performance.md): the day a Keras release stops, this fails, and runtime._KERAS_EXTRAS goes."""
+    code = (
+        "import sys\nfrom pipeline import runtime\nruntime._KERAS_EXTRAS = ()\nruntime.import_tensorflow()\n"
+        "print(sorted(m for m in ('pandas', 'sklearn', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() != ["[]"], "Keras no longer imports its optional integrations: drop the hiding"

@@ -20,7 +20,7 @@ import mlflow
 import pytest
 from workspace import REPO, free_port
 
-from pipeline import config, lineage, tracking
+from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
 
 
@@ -41,19 +41,6 @@ def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def test_project_root_is_the_repository_holding_the_current_directory(tmp_path: Path) -> None:
-    (tmp_path / "repo" / "pipeline").mkdir(parents=True)
-    (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
-    assert config.project_root(tmp_path / "repo" / "pipeline") == tmp_path / "repo"
-    assert config.project_root(tmp_path / "repo") == tmp_path / "repo"
-    assert config.project_root(tmp_path) == tmp_path  # outside any repository: where the command runs
-
-
-def test_project_root_of_a_dvc_experiment_copy_is_the_main_repository() -> None:
-    copy = Path("/home/me/repo/.dvc/tmp/exps/tmpab12cd")
-    assert config.project_root(copy) == Path("/home/me/repo")
 
 
 def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -222,20 +209,6 @@ def test_resume_logs_into_the_same_run(store: str) -> None:
     with tracking.resume(run_id):
         mlflow.log_metric("b", 2.0)
     assert mlflow.get_run(run_id).data.metrics == {"a": 1.0, "b": 2.0}
-
-
-def test_lineage_tags_name_commit_params_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("a: 1\n")
-    data = tmp_path / "train.npz"
-    data.write_bytes(b"abc")
-    monkeypatch.setenv("DVC_EXP_NAME", "quick-fox")
-    tags = lineage.lineage_tags(params, {"train": data})
-    assert tags["data_md5.train"] == "900150983cd24fb0d6963f7d28e17f72"  # md5("abc"), as dvc.lock records it
-    assert tags["params_md5"] == lineage.file_md5(params)
-    assert tags["dvc_experiment"] == "quick-fox"
-    assert len(tags["git_commit"]) == 40
-    assert tags["git_dirty"] in {"true", "false"}
 
 
 def test_champion_moves_by_validation_accuracy_never_by_test(store: str, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline import prepare
 from pipeline.io import Split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,5 @@ def offline_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
 def offline_splits(validation_size: int = 5000) -> tuple[Split, Split]:
     """The training and validation splits as `prepare` makes them, from the offline copy."""
     images, labels = offline_mnist("train")
-    x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
-    y = labels.astype(np.int32)
-    return Split(x[validation_size:], y[validation_size:]), Split(x[:validation_size], y[:validation_size])
+    splits = prepare.split(prepare.normalize(images), labels.astype(np.int32), validation_size)
+    return Split(*splits["train"]), Split(*splits["validation"])
