@@ -37,6 +37,7 @@ INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper
 # resolution (12-24 MP) and bounds the float32 copies `to_mnist` makes (about 1 GB for RGBA at the limit);
 # it also stays below Pillow's own decompression-bomb threshold (89.5 MP), whose warning would reach stderr.
 MAX_PIXELS = 40_000_000
+BATCH = 256  # images per call of an MLflow model
 
 Classifier = Callable[[np.ndarray], np.ndarray]
 Prediction = tuple[Path, int, float]
@@ -144,9 +145,15 @@ def load_keras(path: Path) -> Classifier:
 
 
 def load_mlflow(uri: str) -> Classifier:
-    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities."""
+    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities.
+    Rows go in batches of `BATCH`, under the row limit of a registered model (tracking/serving.py)."""
     model = tracking.load_model(uri, before_load=_quiet_keras)
-    return lambda x: np.asarray(model.predict(x), dtype=np.float64)
+
+    def classifier(x: np.ndarray) -> np.ndarray:
+        batches = [model.predict(x[start : start + BATCH]) for start in range(0, len(x), BATCH)]
+        return np.concatenate([np.asarray(batch, dtype=np.float64) for batch in batches])
+
+    return classifier
 
 
 def load_model(uri: str) -> Classifier:

@@ -4,6 +4,7 @@ compilation for the trainings the tests run in their own process."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,27 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "A
 def repo_root() -> Path:
     """The repository root, wherever pytest was started from."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
+    of MLflow's schema migrations) takes seconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite store of its own for each test (a copy of the empty one), as MLFLOW_TRACKING_URI."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
 
 
 @pytest.fixture(scope="session")

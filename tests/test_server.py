@@ -199,3 +199,50 @@ def test_mnist_predict_uses_the_servers_champion(
     assert all(0.3 < float(row[2]) <= 1 for row in rows)
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def request_body(token: str = "0.0", columns: int = 784, rows: int = 1) -> str:
+    """A JSON request of `rows` rows of `columns` zeros whose value 5 of the first row is `token`, written
+    as raw text: `NaN` and `Infinity` are what a client's JSON encoder may send, not valid JSON."""
+    values = ["0.0"] * columns
+    values[5] = token
+    first = "[" + ",".join(values) + "]"
+    zeros = "[" + ",".join(["0.0"] * columns) + "]"
+    return '{"inputs": [' + ",".join([first] + [zeros] * (rows - 1)) + "]}"
+
+
+def post(url: str, body: str) -> requests.Response:
+    return requests.post(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (request_body("NaN"), "row 0, value 5 is nan"),
+        (request_body("Infinity"), "row 0, value 5 is inf"),
+        (request_body("-Infinity"), "row 0, value 5 is -inf"),
+        (request_body('"NaN"'), "row 0, value 5 is nan"),
+        (request_body("1e300"), "row 0, value 5 is inf"),
+        (request_body("-0.1"), "outside [0, 1]"),
+        (request_body("1.5"), "outside [0, 1]"),
+        (request_body(columns=785), "784"),
+        (request_body(rows=1001), "1001 rows in one request, above this model's limit of 1000"),
+    ],
+    ids=["NaN", "Infinity", "-Infinity", "string NaN", "1e300", "-0.1", "1.5", "785 values", "1001 rows"],
+)
+def test_the_served_model_refuses_what_is_not_a_digit(served_model: str, body: str, says: str) -> None:
+    response = post(served_model, body)
+    assert response.status_code == 400, response.text[:500]
+    answer = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in the answer"))
+    assert answer["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    assert says in answer["message"], answer["message"][-500:]
+    print(answer["message"][-300:])  # shown with `pytest -rP`: what a client reads
+
+
+def test_the_served_model_still_answers_good_rows_at_the_limit(served_model: str) -> None:
+    response = post(served_model, request_body("0.5", rows=1000))
+    assert response.status_code == 200, response.text[:500]
+    probabilities = np.array(json.loads(response.text)["predictions"])
+    assert probabilities.shape == (1000, 10) and np.isfinite(probabilities).all()

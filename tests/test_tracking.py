@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,25 +21,6 @@ from workspace import REPO, free_port
 
 from pipeline import tracking
 from pipeline.errors import Terminated, TrackingError
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
-    of MLflow's schema migrations) takes most of a second."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite store of its own for each test: a copy of the empty one."""
-    path = tmp_path / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    uri = f"sqlite:///{path}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def test_default_store_is_sqlite_at_the_repository_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
