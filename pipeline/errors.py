@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
+from pipeline.secrets import redact_logging, redacted
+
 
 class PipelineError(Exception):
     """A problem the user can fix; its message says what is wrong and how."""
@@ -74,8 +76,8 @@ def escaped(text: str, backslash: bool = True) -> str:
 
 def report(error: PipelineError) -> None:
     """One `error:` line on stderr: how every command states a problem the user can fix. Whatever the
-    message holds (a file name with a newline, say), it stays one line."""
-    print(f"error: {escaped(str(error), backslash=False)}", file=sys.stderr, flush=True)
+    message holds (a file name with a newline, say), it stays one line, and no password shows in it."""
+    print(f"error: {escaped(redacted(str(error)), backslash=False)}", file=sys.stderr, flush=True)
 
 
 STAGE_INTERRUPTED = "outputs written before were left as they were"
@@ -84,6 +86,7 @@ STAGE_INTERRUPTED = "outputs written before were left as they were"
 def run_stage(main: Callable[[], None], interrupted: str = STAGE_INTERRUPTED) -> None:
     """Run a stage's (or a command's) `main`, turning expected failures into one line on stderr and an
     exit code; `interrupted` says what Ctrl-C or SIGTERM left behind."""
+    redact_logging()
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C interrupts a stage even when it was started with SIGINT ignored (as shells and CI
     # runners do for background jobs), so an interruption always ends the MLflow run as KILLED.

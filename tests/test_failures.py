@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
-from workspace import QUICK, clone, free_port, set_params, sh, venv_env
+from workspace import QUICK, REPO, clone, free_port, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -238,6 +239,90 @@ def test_failing_artifact_store_while_recording_the_evaluation(repo: Path) -> No
     trained_in = client(repo).get_run(json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"])
     assert trained_in.info.status == "FINISHED", "a failed evaluation does not undo a finished training"
     assert trained_in.data.tags.get("resume_failed"), "the run says its evaluation failed"
+
+
+# --- no password in any message, log line or run record ------------------------------------------
+
+SECRET = "s3cret"
+
+
+def with_password(url: str) -> str:
+    """`http://127.0.0.1:port` as a team's URL with credentials in it: `http://alice:s3cret@127.0.0.1:port`."""
+    return url.replace("://", f"://alice:{SECRET}@", 1)
+
+
+def hidden(url: str) -> str:
+    return url.replace(SECRET, "***")
+
+
+def answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=2)
+    except requests.RequestException:
+        return False
+    return True
+
+
+@contextmanager
+def web_server_that_is_not_mlflow(folder: Path) -> Iterator[str]:
+    """Python's own file server on 127.0.0.1: it answers every request, 404 for MLflow's API."""
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with started(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/"), 30, "the web server")
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
+def test_no_password_in_the_messages_about_a_server(repo: Path, tmp_path: Path, verbose: str) -> None:
+    before = snapshot(repo)
+    dead = with_password(f"http://127.0.0.1:{free_port()}")
+    with web_server_that_is_not_mlflow(tmp_path) as foreign:
+        for uri, says in ((dead, "is unreachable"), (with_password(foreign), "is not an MLflow tracking server")):
+            env = ENV | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_VERBOSE": verbose}
+            done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env, timeout=120)
+            assert SECRET not in done.stdout + done.stderr
+            assert_failed_cleanly(repo, before, done.returncode, done.stderr, hidden(uri), says)
+
+
+def test_no_password_in_what_mnist_tune_and_mnist_predict_say(repo: Path, tmp_path: Path) -> None:
+    dead = with_password(f"http://127.0.0.1:{free_port()}")
+    tune = [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"]
+    image = tmp_path / "digit.png"
+    shutil.copy2(REPO / "docs/images/confusion.png", image)  # any image: the store fails first
+    storage = f"postgresql://bob:{SECRET}@127.0.0.1:{free_port()}/optuna"
+    cases = [
+        (tune, {"MLFLOW_TRACKING_URI": dead}, f"{hidden(dead)} is unreachable"),
+        ([*tune, "--storage", storage], {}, f"the Optuna storage {hidden(storage)} cannot be opened"),
+        ([sys.executable, "-m", "pipeline.predict", image], {"MLFLOW_TRACKING_URI": dead}, "is unreachable"),
+    ]
+    for command, env, says in cases:
+        done = run(*command, cwd=repo, env=ENV | env, timeout=120)
+        assert SECRET not in done.stdout + done.stderr
+        assert done.returncode == 1 and says in error_line(done.stderr), done.stderr
+
+
+def test_no_password_when_recording_on_a_server_fails(repo: Path, tmp_path: Path) -> None:
+    """A real `mlflow server` whose artifact store is broken: MLflow's own error names the URL it called,
+    credentials included; the message, the log lines and the failed run's records must not."""
+    from test_server import mlflow_server
+
+    broken = tmp_path / "artifacts"
+    broken.write_text("not a folder\n")
+    before = snapshot(repo)
+    with mlflow_server(tmp_path, ENV, artifacts=broken) as url:
+        for verbose in ("0", "1"):
+            env = ENV | {"MLFLOW_TRACKING_URI": with_password(url), "PIPELINE_VERBOSE": verbose}
+            done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env)
+            assert SECRET not in done.stdout + done.stderr
+            shown = hidden(with_password(url))
+            assert_failed_cleanly(repo, before, done.returncode, done.stderr, "recording the run", shown)
+        server = MlflowClient(tracking_uri=url)
+        runs = server.search_runs([e.experiment_id for e in server.search_experiments()])
+        assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+        for found in runs:
+            records = json.dumps([found.data.params, found.data.tags, found.info.run_name])
+            assert SECRET not in records and "alice" not in records
 
 
 # --- bad parameters ---------------------------------------------------------------------------------

@@ -75,9 +75,9 @@ def env() -> dict[str, str]:
 
 
 @contextmanager
-def mlflow_server(root: Path, env: dict[str, str]) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`): its URL,
-    reachable from this process too while the block runs; stopped at the end."""
+def mlflow_server(root: Path, env: dict[str, str], artifacts: Path | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`, or in
+    `artifacts`): its URL, reachable from this process too while the block runs; stopped at the end."""
     url = f"http://127.0.0.1:{free_port()}"
     process = Process(
         [
@@ -86,7 +86,7 @@ def mlflow_server(root: Path, env: dict[str, str]) -> Iterator[str]:
             "--backend-store-uri",
             f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
-            str(root / "artifacts"),
+            str(artifacts or root / "artifacts"),
             "--serve-artifacts",
             "--host",
             "127.0.0.1",

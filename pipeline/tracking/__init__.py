@@ -6,6 +6,7 @@ holds the runs (a training and its evaluation, a search's parent and child runs)
 names below (`from pipeline import tracking; tracking.run(...)`).
 """
 
+from pipeline.secrets import redacted
 from pipeline.tracking.registry import (
     CHAMPION,
     REGISTERED_MODEL,
@@ -36,6 +37,7 @@ from pipeline.tracking.store import (
     check_reachable,
     connect,
     mlflow_module,
+    shown_store,
     sqlite_path,
     store_errors,
     tracking_uri,
@@ -64,9 +66,11 @@ __all__ = [
     "process_tags",
     "promote_if_better",
     "record_test_accuracy",
+    "redacted",
     "resume",
     "run",
     "run_exists",
+    "shown_store",
     "sqlite_path",
     "store_errors",
     "tracking_uri",

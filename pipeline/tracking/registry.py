@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TrackingError
+from pipeline.secrets import redacted
 from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
@@ -112,6 +113,6 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
         return mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
         raise TrackingError(
-            f"cannot load the model {uri} from {store} ({first_line(error)}); run `dvc repro` to train and "
-            "register one, or pass --model with another URI or a .keras file."
+            f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "
+            "train and register one, or pass --model with another URI or a .keras file."
         ) from None

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import processes
 from pipeline.errors import Terminated, TrackingError
-from pipeline.tracking.store import connect, first_line, mlflow_module, store_errors, store_failures, tracking_uri
+from pipeline.tracking.store import connect, first_line, mlflow_module, shown_store, store_errors, store_failures
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -124,7 +124,7 @@ def resume(run_id: str) -> AbstractContextManager[str]:
     connect()
     if not run_exists(run_id):
         raise TrackingError(
-            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {tracking_uri()}; "
+            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {shown_store()}; "
             "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
         )
     return run(run_id=run_id)

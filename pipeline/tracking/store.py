@@ -20,6 +20,7 @@ from filelock import FileLock
 from pipeline import quiet
 from pipeline.config import project_root
 from pipeline.errors import TrackingError
+from pipeline.secrets import redacted
 
 EXPERIMENT = "mnist-batchnorm"
 # A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
@@ -36,11 +37,13 @@ _NO_ANSWER = (  # (text in the error of `requests`, what the message says)
 )
 _SQLITE_TIMEOUT = 60
 # How MLflow behaves for the pipeline, set before MLflow is first imported (`mlflow_module`): fail fast
-# against a server that is down instead of minutes of retries, no download bars, no INFO chatter.
+# against a server that is down instead of minutes of retries, no download bars, no INFO chatter, and
+# no "View run at <server URL>" lines on stdout (they print the URL as given, password included).
 _SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -62,7 +65,7 @@ def store_failures() -> tuple[type[BaseException], ...]:
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (MLflow's `.message` if it has one), else its type."""
-    text = str(getattr(error, "message", "") or error).strip()
+    text = redacted(str(getattr(error, "message", "") or error)).strip()  # MLflow's messages hold the URL
     return text.splitlines()[0] if text else type(error).__name__
 
 
@@ -73,7 +76,7 @@ def store_errors(what: str, fix: str = "check the store (disk, permissions, serv
         yield
     except store_failures() as error:
         raise TrackingError(
-            f"{what} in the MLflow store {tracking_uri()} failed ({type(error).__name__}: {first_line(error)}); {fix}."
+            f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}."
         ) from None
 
 
@@ -85,6 +88,11 @@ def tracking_uri() -> str:
     """
     default = f"sqlite:///{project_root() / 'mlflow.db'}?timeout={_SQLITE_TIMEOUT}"
     return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def shown_store() -> str:
+    """The store's URI as messages and log lines name it: without its password (`secrets.redacted`)."""
+    return redacted(tracking_uri())
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -112,14 +120,14 @@ def check_reachable(uri: str) -> None:
         _probe_server(uri)
     elif (database := sqlite_path(uri)) and not database.parent.is_dir():
         raise TrackingError(
-            f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
+            f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
 
 
 def _unanswered(error: Exception) -> str:
     """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
     cause = error.__cause__ or error.__context__ or error
-    text = str(cause)
+    text = redacted(str(cause))
     for marker, reason in _NO_ANSWER:
         if marker in text:
             return reason
@@ -139,7 +147,7 @@ def _probe_server(uri: str) -> None:
         )
     except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
         raise TrackingError(
-            f"the MLflow tracking server at {uri} is unreachable ({_unanswered(error)}); "
+            f"the MLflow tracking server at {redacted(uri)} is unreachable ({_unanswered(error)}); "
             "start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from None
     try:
@@ -151,17 +159,18 @@ def _probe_server(uri: str) -> None:
         return
     if response.status_code in (401, 403):
         raise TrackingError(
-            f"the server at {uri} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            f"the server at {redacted(uri)} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
         )
     if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
         message = str(body.get("message", "")).splitlines()[:1]
         raise TrackingError(
-            f"the MLflow tracking server at {uri} answered with an error ({answered}: {body['error_code']}"
+            f"the MLflow tracking server at {redacted(uri)} answered with an error ({answered}: {body['error_code']}"
             f"{': ' + message[0] if message else ''}); check the server and its log."
         )
     raise TrackingError(
-        f"the server at {uri} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+        f"the server at {redacted(uri)} answered but is not an MLflow tracking server ({answered}); "
+        "check MLFLOW_TRACKING_URI."
     )
 
 
@@ -191,6 +200,6 @@ def connect() -> str:
                 return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
         except MlflowException as error:
             raise TrackingError(
-                f"the MLflow store {uri} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
+                f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
             ) from None
 
