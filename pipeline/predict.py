@@ -30,7 +30,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import tracking
+from pipeline import quiet, tracking
 from pipeline.cli import ArgumentParser
 from pipeline.errors import DataError, escaped, report, run_stage
 
@@ -296,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run() -> None:
     """The console script. MLflow's info logs are silenced so stderr holds only problems."""
+    quiet.configure_logging()
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     run_stage(lambda: main(sys.argv[1:]), interrupted="no image was classified")
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -323,6 +324,108 @@ def test_no_password_when_recording_on_a_server_fails(repo: Path, tmp_path: Path
         for found in runs:
             records = json.dumps([found.data.params, found.data.tags, found.info.run_name])
             assert SECRET not in records and "alice" not in records
+
+
+# --- a damaged or locked mlflow.db ------------------------------------------------------------------
+
+
+@contextmanager
+def damaged_store(repo: Path, damage: str) -> Iterator[Path]:
+    """The clone's mlflow.db cut to its 100-byte header, or overwritten with random bytes; put back after."""
+    database = repo / "mlflow.db"
+    kept = repo.parent / "mlflow.db.kept"
+    shutil.copy2(database, kept)
+    try:
+        if damage == "truncated":
+            os.truncate(database, 100)
+        else:
+            database.write_bytes(os.urandom(database.stat().st_size))
+        yield database
+    finally:
+        shutil.copy2(kept, database)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_store_is_one_line_for_every_command(repo: Path, tmp_path: Path, damage: str) -> None:
+    set_params(repo, train__seed=11)  # a train.* change: `dvc repro` trains
+    before = snapshot(repo)
+    image = tmp_path / "digit.png"
+    shutil.copy2(REPO / "docs/images/confusion.png", image)
+    commands = [
+        ["dvc", "repro"],
+        [sys.executable, "-m", "pipeline.predict", image],
+        [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"],
+    ]
+    with damaged_store(repo, damage) as database:
+        outcomes = [run(*command, cwd=repo) for command in commands]
+    for done in outcomes:
+        line = error_line(done.stderr)
+        assert done.returncode != 0 and "Traceback" not in done.stdout
+        assert f"the MLflow database {database} is damaged (" in line, line
+        assert f"`mv {database} {database}.damaged`" in line and "restore it from a backup" in line
+    assert_failed_cleanly(repo, before, outcomes[0].returncode, outcomes[0].stderr, "is damaged")
+
+
+def test_a_store_locked_for_a_while_is_waited_for_and_said(repo: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_FOR, str(repo / "mlflow.db"), "8"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        done = run(sys.executable, "-m", "pipeline.train", cwd=repo)
+    finally:
+        holder.wait(timeout=60)
+    assert done.returncode == 0, done.stderr
+    waiting = [line for line in done.stderr.splitlines() if "is locked by" in line]
+    assert len(waiting) == 1, done.stderr
+    assert waiting[0].startswith(f"{repo / 'mlflow.db'} is locked by process {holder.pid} (`{sys.executable} -c ")
+    assert waiting[0].endswith("`); waiting up to 60 s for it to be released")
+
+
+LOCK_FOR = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
+def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(
+    repo: Path, verbose: str
+) -> None:
+    set_params(repo, train__seed=13)
+    before = snapshot(repo)
+    command = [sys.executable, "-m", "pipeline.train"]
+    env = ENV | {"PIPELINE_VERBOSE": verbose}
+    with started(command, cwd=repo, env=env, stderr=subprocess.PIPE) as process:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("epoch 1/"):
+                break
+        with locked_store(repo):  # until the stage has given up
+            stderr = "".join(lines) + process.stderr.read()
+            process.wait(timeout=300)
+    assert process.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    database = repo / "mlflow.db"
+    assert last.startswith(f"error: recording the run failed: the MLflow database {database} is locked by process ")
+    assert last.endswith(
+        "; let it finish or end it, then run again. The previous outputs were left as they were; the run could "
+        f"not be ended either: the next run on {socket.gethostname()} marks it KILLED."
+    )
+    if verbose == "0":
+        assert error_line(stderr) == last and "Traceback" not in stderr
+    else:
+        assert "Traceback" in stderr and "database is locked" in stderr, "PIPELINE_VERBOSE shows MLflow's tracebacks"
+    assert fingerprint(repo, before.paths) == before.digests and not leftovers(repo, before.paths)
+    left = [r for r in all_runs(repo) if r.info.status == "RUNNING"]
+    assert len(left) == 1, "the store refused to end it"
+    sh(sys.executable, "-m", "pipeline.evaluate", cwd=repo, env=ENV)  # the next run on this machine
+    assert client(repo).get_run(left[0].info.run_id).info.status == "KILLED"
+    assert model_versions(repo) == before.versions
 
 
 # --- bad parameters ---------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
     from pipeline.tracking.store import check_reachable
 
     store = tracking_uri()
-    check_reachable(store)
+    check_reachable(store, writing=False)
     # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
     if (database := sqlite_path(store)) and not database.is_file():
         raise TrackingError(

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import processes
 from pipeline.errors import Terminated, TrackingError
-from pipeline.tracking.store import connect, first_line, mlflow_module, shown_store, store_errors, store_failures
+from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -90,13 +90,15 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
         run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
     )
 
-    def end(status: str, reason: str) -> None:
+    def end(status: str, reason: str) -> bool:
+        """End the run as `status` (a resumed one as it was); False if the store failed that too."""
         try:
             if earlier:
                 client.set_tag(active.info.run_id, "resume_failed", reason)
             mlflow.end_run(earlier or status)
         except store_failures():
-            pass  # the store itself is failing: the error being raised says so
+            return False  # the store itself is failing: the error being raised says so
+        return True
 
     try:
         yield active.info.run_id
@@ -105,12 +107,10 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
         raise
     except store_failures() as error:
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
-        end("FAILED", first_line(error))
-        with store_errors(
-            "recording the run",
-            "check the store (disk, permissions, server) and run again. The previous outputs were left as they were",
-        ):
-            raise
+        after = "The previous outputs were left as they were"
+        if not end("FAILED", first_line(error)) and not earlier:
+            after += f"; the run could not be ended either: the next run on {socket.gethostname()} marks it KILLED"
+        raise TrackingError(failure("recording the run", error, after=after)) from None
 
     except BaseException as error:
         end("FAILED", str(error).splitlines()[0] if str(error) else type(error).__name__)

@@ -21,6 +21,7 @@ from pipeline import quiet
 from pipeline.config import project_root
 from pipeline.errors import TrackingError
 from pipeline.secrets import redacted
+from pipeline.tracking import sqlite
 
 EXPERIMENT = "mnist-batchnorm"
 # A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
@@ -69,15 +70,28 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+STORE_FIX = "check the store (disk, permissions, server) and run again"
+
+
+def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = "") -> str:
+    """The one sentence for a store that failed while doing `what`: a damaged or locked SQLite file said
+    as such (`sqlite.problem`), anything else with MLflow's reason and `fix`; then `after`, if given."""
+    database = sqlite_path(tracking_uri())
+    found = sqlite.cause(error) if database else None
+    if database and found and (problem := sqlite.problem(database, found)):
+        text = f"{what} failed: {problem}"
+    else:
+        text = f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}"
+    return f"{text}." + (f" {after}." if after else "")
+
+
 @contextmanager
-def store_errors(what: str, fix: str = "check the store (disk, permissions, server) and run again") -> Iterator[None]:
+def store_errors(what: str, fix: str = STORE_FIX) -> Iterator[None]:
     """The one translation of a failing store into the project's one-line TrackingError."""
     try:
         yield
     except store_failures() as error:
-        raise TrackingError(
-            f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}."
-        ) from None
+        raise TrackingError(failure(what, error, fix)) from None
 
 
 def tracking_uri() -> str:
@@ -109,19 +123,23 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri() if database else None
 
 
-def check_reachable(uri: str) -> None:
+def check_reachable(uri: str, writing: bool = True) -> None:
     """Fail within seconds, before any training, if the tracking store cannot be used.
 
     A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
     MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
-    refuses us" each get their own message.
+    refuses us" each get their own message. A SQLite file is checked for damage and for another process
+    holding it locked (`sqlite.check`; for reading only, unless `writing`).
     """
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
-        raise TrackingError(
-            f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
-        )
+    elif database := sqlite_path(uri):
+        if not database.parent.is_dir():
+            raise TrackingError(
+                f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix "
+                "MLFLOW_TRACKING_URI."
+            )
+        sqlite.check(database, _SQLITE_TIMEOUT, writing)
 
 
 def _unanswered(error: Exception) -> str:
@@ -198,7 +216,11 @@ def connect() -> str:
                     raise
                 # on a server the file lock does not apply: another process created it a moment ago
                 return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
-        except MlflowException as error:
+        except Exception as error:  # MLflow's errors, and SQLAlchemy's raised while MLflow opens the database
+            if database and (found := sqlite.cause(error)):
+                raise TrackingError(f"{sqlite.unusable(database, found)}. Nothing was changed.") from None
+            if not isinstance(error, MlflowException):
+                raise
             raise TrackingError(
                 f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
             ) from None
