@@ -241,6 +241,23 @@ def test_the_served_model_refuses_what_is_not_a_digit(served_model: str, body: s
     print(answer["message"][-300:])  # shown with `pytest -rP`: what a client reads
 
 
+def test_a_server_can_start_with_another_row_limit(
+    tmp_path: Path, env: dict[str, str], server: tuple[str, Path], workspace: Path
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
+    settings = {"MLFLOW_TRACKING_URI": server[0], "SERVING_MODEL_CONFIG": '{"max_rows": 2}'}
+    address = ["-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    process = Process([*command, *address], tmp_path / "serve.log", env | settings)
+    try:
+        process.wait_until_up(f"{url}/ping", timeout=150)
+        assert post(url, request_body(rows=2)).status_code == 200
+        refused = post(url, request_body(rows=3))
+        assert refused.status_code == 400 and "3 rows in one request, above this model's limit of 2" in refused.text
+    finally:
+        process.stop()
+
+
 def test_the_served_model_still_answers_good_rows_at_the_limit(served_model: str) -> None:
     response = post(served_model, request_body("0.5", rows=1000))
     assert response.status_code == 200, response.text[:500]

@@ -70,7 +70,10 @@ def test_good_rows_pass_unchanged() -> None:
     assert serving.checked_rows(np.full((1, 784), -0.0), serving.MAX_ROWS).shape == (1, 784)
 
 
+@pytest.mark.e2e  # logs and loads a model through MLflow: seconds, for the full run
 def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: str) -> None:
+    import mlflow
+
     from pipeline import model, runtime
 
     runtime.import_tensorflow()
@@ -86,10 +89,12 @@ def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: s
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probabilities, model.probabilities(network, x), atol=1e-5)
     assert served.model_config == {"max_rows": serving.MAX_ROWS}
+    # the limit a server starts with (`SERVING_MODEL_CONFIG` passes it there): MLflow's own override
+    lowered = mlflow.pyfunc.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}", model_config={"max_rows": 4})
+    with pytest.raises(MlflowException, match="5 rows in one request, above this model's limit of 4"):
+        lowered.predict(x)
     with pytest.raises(MlflowException, match="is nan"):
         served.predict(with_value(np.nan).astype(np.float32))
-
-    import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
     try:
