@@ -131,15 +131,19 @@ def check_reachable(uri: str, writing: bool = True) -> None:
     refuses us" each get their own message. A SQLite file is checked for damage and for another process
     holding it locked (`sqlite.check`; for reading only, unless `writing`).
     """
+    _check_where(uri)
+    if database := sqlite_path(uri):
+        sqlite.check(database, _SQLITE_TIMEOUT, writing)
+
+
+def _check_where(uri: str) -> None:
+    """A server answers as MLflow; a SQLite file's folder exists."""
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif database := sqlite_path(uri):
-        if not database.parent.is_dir():
-            raise TrackingError(
-                f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix "
-                "MLFLOW_TRACKING_URI."
-            )
-        sqlite.check(database, _SQLITE_TIMEOUT, writing)
+    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
+        raise TrackingError(
+            f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
+        )
 
 
 def _unanswered(error: Exception) -> str:
@@ -195,7 +199,7 @@ def _probe_server(uri: str) -> None:
 def connect() -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
     uri = tracking_uri()
-    check_reachable(uri)
+    _check_where(uri)
     mlflow = mlflow_module()
     from mlflow.exceptions import MlflowException
 
@@ -203,8 +207,11 @@ def connect() -> str:
     mlflow.set_registry_uri(uri)
     database = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
-    # tables and the experiment while the other waits, instead of both racing to create them.
+    # tables and the experiment while the other waits, instead of both racing to create them (and the
+    # waiting one would see the new file locked by the other).
     with FileLock(f"{database}.lock") if database else nullcontext():
+        if database:
+            sqlite.check(database, _SQLITE_TIMEOUT)
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is not None:
