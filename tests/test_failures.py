@@ -367,28 +367,21 @@ def test_a_damaged_store_is_one_line_for_every_command(repo: Path, tmp_path: Pat
 
 
 def test_a_store_locked_for_a_while_is_waited_for_and_said(repo: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_FOR, str(repo / "mlflow.db"), "8"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        done = run(sys.executable, "-m", "pipeline.train", cwd=repo)
-    finally:
-        holder.wait(timeout=60)
-    assert done.returncode == 0, done.stderr
-    waiting = [line for line in done.stderr.splitlines() if "is locked by" in line]
-    assert len(waiting) == 1, done.stderr
-    assert waiting[0].startswith(f"{repo / 'mlflow.db'} is locked by process {holder.pid} (`{sys.executable} -c ")
+    """The store is held locked (by this process) when the stage connects, and let go once it has said so."""
+    command = [sys.executable, "-m", "pipeline.train"]
+    with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
+        with locked_store(repo):
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if "is locked by" in line:
+                    break
+        stderr = "".join(lines) + process.stderr.read()
+        assert process.wait(timeout=300) == 0, stderr
+    waiting = [line for line in stderr.splitlines() if "is locked by" in line]
+    assert len(waiting) == 1, stderr
+    assert waiting[0].startswith(f"{repo / 'mlflow.db'} is locked by process {os.getpid()} (`{sys.executable} ")
     assert waiting[0].endswith("`); waiting up to 60 s for it to be released")
-
-
-LOCK_FOR = """
-import sqlite3, sys, time
-connection = sqlite3.connect(sys.argv[1], isolation_level=None)
-connection.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-"""
 
 
 @pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
