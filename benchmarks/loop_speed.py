@@ -5,12 +5,15 @@ Each pair runs, one after the other on the same prepared data:
   loop       `dvc repro` after a change of `train.learning_rate` (a new value each time, so neither
              DVC's run cache nor anything else can skip work): the `train` and `evaluate` stages.
 The loop runs in a scratch copy of this repository with its own MLflow store, so the benchmark never
-touches your runs or outputs. The stages report their phases through `PIPELINE_TIMINGS`
-(pipeline/timing.py); the loop's DVC overhead is its wall time minus the two stage processes'.
+touches your runs or outputs. With `--baseline REV`, each pair also runs the same loop in a scratch copy
+of git revision REV (the two loops in alternating order), and the report adds the training loop's and
+the train stage's ratios to that revision's: what a change costs, measured in the same run. The stages
+report their phases through `PIPELINE_TIMINGS` (pipeline/timing.py); the loop's DVC overhead is its wall
+time minus the two stage processes'.
 
 Usage, after `dvc repro` and `pip install -c requirements.lock -e ".[bench]"` (the reference needs
 tf_keras):
-    python benchmarks/loop_speed.py [--pairs 3] [--json results.json]
+    python benchmarks/loop_speed.py [--pairs 3] [--json results.json] [--baseline main]
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ def scratch_copy(destination: Path) -> Path:
     return destination
 
 
+def baseline_copy(destination: Path, rev: str) -> Path:
+    """The repository's files at git revision `rev` as a fresh git repository, with `dvc repro` run once."""
+    destination.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", rev]):
+        subprocess.run(command, cwd=destination, check=True, capture_output=True)
+    subprocess.run(["dvc", "repro"], cwd=destination, check=True, capture_output=True)
+    return destination
+
+
 def set_learning_rate(repo: Path, value: float) -> None:
     path = repo / PARAMS_FILE
     document = yaml.safe_load(path.read_text())
@@ -66,10 +81,20 @@ def set_learning_rate(repo: Path, value: float) -> None:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
+def run_loop(repo: Path, value: float, env: dict[str, str], timings: Path) -> dict[str, Any]:
+    """`dvc repro` in `repo` after setting `train.learning_rate` to `value`: wall, peak, training, stages."""
+    set_learning_rate(repo, value)
+    wall, peak, _ = timed(["dvc", "repro"], repo, env | {"PIPELINE_TIMINGS": str(timings)})
+    stages = {line["stage"]: line for line in map(json.loads, timings.read_text().splitlines())}
+    train_seconds = json.loads((repo / "metrics/train.json").read_text())["train_seconds"]
+    return {"wall": wall, "peak_rss_mib": peak, "train_seconds": train_seconds, "stages": stages}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--baseline", metavar="REV", help="also time the loop at this git revision, alternating")
     args = parser.parse_args()
     params = load_params(REPO / PARAMS_FILE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
@@ -78,35 +103,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         print("preparing a scratch copy (one full dvc repro) ...", file=sys.stderr, flush=True)
         repo = scratch_copy(Path(folder) / "repo")
+        copies = {"loop": repo}
+        if args.baseline:
+            copies["baseline"] = baseline_copy(Path(folder) / "baseline", args.baseline)
         reference = [sys.executable, str(REPO / "benchmarks/reference_tf1.py"), "--quiet"]
         reference += ["--data", str(repo / PREPARED_DIR), "--epochs", str(params.train.epochs)]
         for pair in range(1, args.pairs + 1):
             ref_wall, ref_peak, ref_out = timed(reference, repo, env)
             ref = json.loads(ref_out.strip().splitlines()[-1])
-            set_learning_rate(repo, params.train.learning_rate * (1 + pair * 1e-6))
-            timings = Path(folder) / f"timings-{pair}.jsonl"
-            loop_wall, loop_peak, _ = timed(["dvc", "repro"], repo, env | {"PIPELINE_TIMINGS": str(timings)})
-            stages = {line["stage"]: line for line in map(json.loads, timings.read_text().splitlines())}
-            train_json = json.loads((repo / "metrics/train.json").read_text())
+            value = params.train.learning_rate * (1 + pair * 1e-6)
+            order = list(copies) if pair % 2 else list(reversed(copies))  # neither loop always runs first
+            loops = {name: run_loop(copies[name], value, env, Path(folder) / f"{name}-{pair}.jsonl") for name in order}
+            loop = loops["loop"]
             pairs.append(
                 {
                     "reference": {"wall": ref_wall, "peak_rss_mib": ref_peak, "train_seconds": ref["train_seconds"]},
-                    "loop": {
-                        "wall": loop_wall,
-                        "peak_rss_mib": loop_peak,
-                        "train_seconds": train_json["train_seconds"],
-                    },
-                    "stages": stages,
-                    "dvc_overhead": loop_wall - sum(stage["process_seconds"] for stage in stages.values()),
+                    "loop": {key: loop[key] for key in ("wall", "peak_rss_mib", "train_seconds")},
+                    "stages": loop["stages"],
+                    "dvc_overhead": loop["wall"] - sum(stage["process_seconds"] for stage in loop["stages"].values()),
+                    **({"baseline": loops["baseline"]} if "baseline" in loops else {}),
                 }
             )
             print(
                 f"pair {pair}: reference {ref_wall:.1f} s (training {ref['train_seconds']:.1f} s), "
-                f"loop {loop_wall:.1f} s (training {train_json['train_seconds']:.1f} s)",
+                + ", ".join(
+                    f"{name} {run['wall']:.1f} s (training {run['train_seconds']:.1f} s)" for name, run in loops.items()
+                ),
                 file=sys.stderr,
                 flush=True,
             )
     report(pairs)
+    if args.baseline:
+        report_baseline(pairs, args.baseline)
     if args.json:
         args.json.write_text(
             json.dumps({"python": sys.version.split()[0], "cpus": os.cpu_count(), "pairs": pairs}, indent=2)
@@ -143,6 +171,19 @@ def report(pairs: list[dict[str, Any]]) -> None:
         ),
     ):
         print(f"{label}: median {statistics.median(ratios):.2f} (pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def report_baseline(pairs: list[dict[str, Any]], rev: str) -> None:
+    """This tree's loop against the baseline revision's, pair by pair: training loop, train stage, loop."""
+    measures = {
+        "training loop (train_seconds)": lambda run, stages: run["train_seconds"],
+        "train stage, whole process": lambda run, stages: stages["train"]["process_seconds"],
+        "dvc repro after a train.* change": lambda run, stages: run["wall"],
+    }
+    for label, measure in measures.items():
+        ratios = [measure(p["loop"], p["stages"]) / measure(p["baseline"], p["baseline"]["stages"]) for p in pairs]
+        listed = ", ".join(f"{ratio:.3f}" for ratio in ratios)
+        print(f"{label} / {rev}'s: median {statistics.median(ratios):.3f} (pairs: {listed})")
 
 
 if __name__ == "__main__":

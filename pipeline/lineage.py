@@ -8,12 +8,17 @@ these as tags.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 # The pipeline's own outputs, which it rewrites on every run: not inputs, so they never make a run dirty.
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
+RUN_NAME_LENGTH = 250  # MLflow's column for a run's name (PostgreSQL enforces it)
 
 
 def dvc_experiment() -> str | None:
@@ -50,10 +55,51 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
         tags["git_commit"] = commit
         # Dirty = a tracked input differs from the commit; the pipeline's own outputs (dvc.lock, the
         # metrics and plots it rewrites) are not inputs and would otherwise make every run dirty.
-        outputs = (f":!{path}" for path in PIPELINE_OUTPUTS)
-        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs)
-        tags["git_dirty"] = str(bool(changed)).lower()
+        tags["git_dirty"] = str(_changed()).lower()
     if exp_name := dvc_experiment():
         tags["dvc_experiment"] = exp_name
     return tags
 
+
+def _changed(*excluded: str) -> bool:
+    """Whether a tracked file other than the pipeline's outputs and `excluded` differs from the commit."""
+    paths = (f":!{path}" for path in (*PIPELINE_OUTPUTS, *excluded))
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *paths))
+
+
+def _committed_params(params_file: Path) -> dict[str, Any] | None:
+    """params.yaml as committed, as `section.key -> value`; None where git does not have it."""
+    text = _git("show", f"HEAD:./{params_file.as_posix()}")
+    try:
+        document = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    return {
+        f"{section}.{key}": value
+        for section, values in document.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+
+
+def run_name(flat: dict[str, Any], params_file: Path) -> str:
+    """What a list of runs says this run was: the DVC experiment's name under `dvc exp run`; otherwise
+    the short git commit, `-dirty` if a tracked file other than params.yaml and the pipeline's outputs
+    differs from it, then each value of params.yaml (`flat`) that differs from the committed one:
+    `1a2b3c4 train.learning_rate=0.05 train.epochs=50`."""
+    if name := dvc_experiment():
+        return name
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "uncommitted"  # no git repository here, or no commit yet
+    parts = [f"{commit}-dirty" if _changed(params_file.as_posix()) else commit]
+    if (committed := _committed_params(params_file)) is not None:
+        missing = object()  # a key the committed file lacks differs whatever its value
+        parts += [
+            f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+            for key, value in flat.items()
+            if committed.get(key, missing) != value
+        ]
+    return " ".join(parts)[:RUN_NAME_LENGTH]

@@ -2,9 +2,9 @@
 
 `import tensorflow` prints C++ lines (cuInit, CUDA stubs, "All log messages before
 absl::InitializeLog()") straight to file descriptor 2 before absl is initialised, so neither
-TF_CPP_MIN_LOG_LEVEL nor Python's logging can stop them. `filtered_stderr` points fd 2 at a temporary
-file around such code and then re-emits every line that is not known noise, so real warnings and
-errors still reach the terminal. Set PIPELINE_VERBOSE=1 to see everything.
+TF_CPP_MIN_LOG_LEVEL nor Python's logging can stop them. `filtered_stderr` points fd 2 at a filter
+process around such code, which passes every line that is not known noise on as it comes, so real
+warnings and errors (a fatal one before an abort included) reach the terminal. PIPELINE_VERBOSE=1: all.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 VERBOSE = os.environ.get("PIPELINE_VERBOSE", "") not in ("", "0")
 
@@ -27,32 +29,55 @@ _NOISE = re.compile(
     r"use_unbounded_threadpool|"
     # a cache entry is tried as text before binary; the binary form is the one XLA's cache writes
     r"Error parsing text-format tensorflow\.XlaSerializedCacheEntry|"
+    # Loading a cache entry, XLA:CPU checks each feature it was compiled for against the host's, and
+    # counts the LLVM tuning hints it adds on AVX-512 CPUs (prefer-no-scatter, prefer-no-gather) as
+    # features no CPU reports: a "mismatch ... SIGILL" line for each, on the very machine that compiled
+    # it. Only those two are hidden: any real feature stays loud (and runtime.xla_cache_dir keys the
+    # cache by the CPU's flags, so an entry from another CPU is never loaded).
+    r"cpu_aot_loader\.cc:\d+\] Loading XLA:CPU AOT result\. "
+    r"Target machine feature \+prefer-no-(scatter|gather) is not +supported on the host machine|"
     # MLflow's registry chatter; the train stage prints its own line naming the version
     r"Successfully registered model|Registered model '.*' already exists|Created version '"
 )
 
 
+def pass_through(source: BinaryIO, sink: BinaryIO) -> None:
+    """Copy lines from `source` to `sink` as they come, leaving out the known noise."""
+    for line in source:
+        if not _NOISE.search(line.decode("utf-8", "replace")):
+            sink.write(line)
+            sink.flush()
+
+
+# The filter runs in a process of its own, so that what C++ code writes just before it aborts the
+# process (a fatal check, an out-of-memory abort) still reaches the terminal.
+_FILTER = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+    "from pipeline.quiet import pass_through; pass_through(sys.stdin.buffer, sys.stdout.buffer)"
+)
+
+
 @contextlib.contextmanager
 def filtered_stderr() -> Iterator[None]:
-    """Hold what C++ code writes to fd 2 in a temporary file, then re-emit all but the known noise."""
+    """Send what is written to fd 2 inside the block (C++ code included) through the noise filter."""
     if VERBOSE:
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines() if not _NOISE.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
+    process = subprocess.Popen([sys.executable, "-c", _FILTER], stdin=subprocess.PIPE, stdout=saved, stderr=saved)
+    assert process.stdin is not None
+    os.dup2(process.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        process.stdin.close()
+        # a child process started inside the block may hold the pipe open; its lines still come later
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
 
 def configure_logging() -> None:

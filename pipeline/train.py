@@ -92,12 +92,23 @@ def train(params: Params) -> Fitted:
 
     with ExitStack() as stack:
         with timing.phase("MLflow: start the run, params, datasets"):
-            run_id = stack.enter_context(tracking.run(run_name=lineage.dvc_experiment(), tags=tags))
+            name = lineage.run_name(params.flat(), PARAMS_FILE)
+            run_id = stack.enter_context(tracking.run(run_name=name, tags=tags))
+            stack.enter_context(tracking.system_metrics(run_id))
             out = stack.enter_context(io.staged_outputs())
             tracking.log_params(params.flat())
             tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
-        with progress(params.train.epochs) as report, runtime.cache_errors_explained():
-            fitted = fit(params.model, params.train, train_set, validation, on_epoch=report)
+        with (
+            tracking.live_history(run_id) as send,
+            progress(params.train.epochs) as report,
+            runtime.cache_errors_explained(),
+        ):
+
+            def on_epoch(result: EpochResult) -> None:
+                send(result)  # first: an epoch's line shows once the previous epoch's metrics are in the store
+                report(result)
+
+            fitted = fit(params.model, params.train, train_set, validation, on_epoch=on_epoch)
         log.info(
             "trained %d epochs in %.2f s: val_accuracy %.4f",
             params.train.epochs,
@@ -112,9 +123,9 @@ def train(params: Params) -> Fitted:
             out.write_bytes(CURVES_FILE, figure)
             out.write_text(HISTORY_FILE, curves)
             out.write_json(TRAIN_METRICS, summary(fitted, run_id))
-        with timing.phase("MLflow: curves and plots"):
+        with timing.phase("MLflow: training time and plots"):
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
-            tracking.log_training(run_id, fitted.history, fitted.train_seconds, files)
+            tracking.log_training(fitted.train_seconds, files)
         with timing.phase("MLflow: log and register the model"):
             version = tracking.log_model(fitted.model, validation.x[:5])
             champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)

@@ -2,16 +2,20 @@
 
 Checks what a user sees: the outputs and metrics, the MLflow run with every parameter, per-epoch
 curves, test metrics, plots and the registered model; a second `dvc repro` that re-runs nothing;
-and a change of `train.epochs` that re-runs only `train` and `evaluate`.
+a change of `train.epochs` that re-runs only `train` and `evaluate`; and the pages of `dvc plots show`
+and `dvc plots diff`, opened in a headless browser with no network, drawing every plot.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from browser import Mark, plot_marks, plot_texts, rendered_dom
 from workspace import clone, set_params, sh, venv_env
 
 EPOCHS = 3
@@ -89,6 +93,9 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     assert {"plots/confusion.png", "plots/learning_curves.png", "plots/misclassified.png"} <= artifacts
     assert "evaluation/classification_report.json" in artifacts
     assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=workspace).stdout.strip()
+    # the committed params.yaml, unchanged: named after the commit alone
+    assert run.info.run_name == sh("git", "rev-parse", "--short", "HEAD", cwd=workspace).stdout.strip()
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     versions = client.search_model_versions(f"name = 'mnist-bn-mlp' and run_id = '{run_id}'")
     assert len(versions) == 1
     assert float(versions[0].tags["test_accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
@@ -122,3 +129,81 @@ def test_dvc_plots_show_renders_every_plot(workspace: Path, env: dict[str, str])
         assert title in html
     for png in ("learning_curves", "confusion", "misclassified"):
         assert f"plots/{png}.png" in html  # the PNGs are embedded as images
+
+
+CURVES = {"Loss": ("train_loss", "val_loss"), "Accuracy": ("train_accuracy", "val_accuracy")}
+CONFUSION = "Confusion_matrix__test_set_"  # the plot's id in DVC's page
+TEST_ROWS = 10_000
+
+
+def curves(marks: list[Mark]) -> dict[tuple[str, str], int]:
+    """(revision, field) -> the points of its drawn line, from vega's line marks."""
+    lines = {}
+    for mark in marks:
+        if mark.kind == "line" and (found := re.search(r"rev: (\S+); field: (\S+)", mark.label)):
+            lines[found[1], found[2]] = mark.path.count("L") + 1  # "M x,y L x,y L ...": one point each
+    return lines
+
+
+def confusion_totals(marks: list[Mark]) -> dict[str, int]:
+    """The counts of the confusion matrix's cells added up, per layer of vega's rect marks."""
+    totals: Counter[str] = Counter()
+    for mark in marks:
+        if mark.kind == "rect" and (found := re.search(r"xy_count: (\d+)", mark.label)):
+            totals[mark.layer] += int(found[1])
+    return dict(totals)
+
+
+def epochs_in(workspace: Path, rev: str | None = None) -> int:
+    """The epochs in plots/history.csv, in the workspace or at a git revision."""
+    text = (
+        sh("git", "show", f"{rev}:plots/history.csv", cwd=workspace).stdout
+        if rev
+        else (workspace / "plots/history.csv").read_text()
+    )
+    return len(text.splitlines()) - 1
+
+
+def test_plots_show_draws_every_plot_offline(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`dvc plots show` as a user runs it: the page in dvc_plots/, opened with no network, draws each curve
+    through every epoch and a confusion matrix whose cells add up to the test set."""
+    sh("dvc", "plots", "show", cwd=workspace, env=env)
+    marks = plot_marks(rendered_dom(workspace / "dvc_plots/index.html", tmp_path / "browser"))
+    epochs = epochs_in(workspace)
+    for plot, fields in CURVES.items():
+        assert curves(marks[plot]) == {("workspace", field): epochs for field in fields}, plot
+    totals = confusion_totals(marks[CONFUSION])
+    assert totals and set(totals.values()) == {TEST_ROWS}
+
+
+def test_plots_diff_draws_both_revisions_offline(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`dvc plots diff` (the workspace against the commit, whose curves are the committed 25-epoch run's)
+    draws both revisions' curves and both confusion matrices."""
+    sh("dvc", "plots", "diff", "HEAD", "-o", "diff_plots", cwd=workspace, env=env)
+    marks = plot_marks(rendered_dom(workspace / "diff_plots/index.html", tmp_path / "browser"))
+    epochs = {"workspace": epochs_in(workspace), "HEAD": epochs_in(workspace, "HEAD")}
+    for plot, fields in CURVES.items():
+        assert curves(marks[plot]) == {(rev, field): n for rev, n in epochs.items() for field in fields}, plot
+    totals = confusion_totals(marks[CONFUSION])
+    assert totals and set(totals.values()) == {2 * TEST_ROWS}
+
+
+def test_the_cdn_page_draws_nothing_here(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The control: DVC's own page, which loads vega from a CDN, draws none of the plots in the same
+    browser. So the browser had no network, and the checks above can fail."""
+    from dvc_render.html import PAGE_HTML
+
+    (tmp_path / "cdn.html").write_text(PAGE_HTML)
+    sh("dvc", "plots", "show", "-o", "cdn_plots", "--html-template", tmp_path / "cdn.html", cwd=workspace, env=env)
+    page = (workspace / "cdn_plots/index.html").read_text()
+    assert "https://cdn.jsdelivr.net/npm/vega@" in page
+    marks = plot_marks(rendered_dom(workspace / "cdn_plots/index.html", tmp_path / "browser"))
+    assert {plot: marks[plot] for plot in (*CURVES, CONFUSION)} == {plot: [] for plot in (*CURVES, CONFUSION)}
+
+
+def test_a_page_written_elsewhere_says_where_to_write_it(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """Written where the relative path to the scripts does not reach, each plot's place says so."""
+    sh("dvc", "plots", "show", "-o", tmp_path / "elsewhere", cwd=workspace, env=env)
+    texts = plot_texts(rendered_dom(tmp_path / "elsewhere/index.html", tmp_path / "browser"))
+    for plot in (*CURVES, CONFUSION):
+        assert any("write the page to a folder at the repository root" in text for text in texts[plot]), plot

@@ -19,6 +19,7 @@ from pipeline.tracking.runs import (
     create_run,
     end_orphaned_runs,
     end_run,
+    live_history,
     log_datasets,
     log_evaluation,
     log_files,
@@ -30,6 +31,7 @@ from pipeline.tracking.runs import (
     resume,
     run,
     run_exists,
+    system_metrics,
 )
 from pipeline.tracking.store import (
     EXPERIMENT,
@@ -53,6 +55,7 @@ __all__ = [
     "create_run",
     "end_orphaned_runs",
     "end_run",
+    "live_history",
     "load_model",
     "log_datasets",
     "log_evaluation",
@@ -73,5 +76,6 @@ __all__ = [
     "shown_store",
     "sqlite_path",
     "store_errors",
+    "system_metrics",
     "tracking_uri",
 ]

@@ -11,13 +11,13 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline import processes
+from pipeline import processes, quiet
 from pipeline.errors import Terminated, TrackingError
 from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
 
@@ -26,6 +26,10 @@ log = logging.getLogger("pipeline.tracking")
 # Tags naming the process that holds a run RUNNING, so a later run can tell one whose process was
 # killed (kill -9, OOM killer, power loss) from one still training.
 HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
+# How often MLflow samples a training's system metrics: a few points on a 10-second training, one every
+# second on a long one (MLflow's default, 10 s, leaves most trainings here with none).
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_SECONDS = 1.0
 
 
 def process_tags() -> dict[str, str]:
@@ -130,6 +134,24 @@ def resume(run_id: str) -> AbstractContextManager[str]:
     return run(run_id=run_id)
 
 
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """While the block runs, MLflow's own monitor samples this machine's CPU and memory use (disk and
+    network too, and the GPU where one and its driver's Python binding are installed) into the run as
+    `system/...` metrics, every `SYSTEM_METRICS_SECONDS`."""
+    mlflow_module()
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if not quiet.VERBOSE:  # a failing store's warnings: the run's one error line says it
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.CRITICAL)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()  # stops the sampling and sends what it holds, before the run ends
+
+
 def log_params(flat: dict[str, Any]) -> None:
     """Every params.yaml value of the active run, as `section.key`."""
     mlflow_module().log_params(flat)
@@ -146,6 +168,45 @@ def log_files(files: dict[Path, bytes | str]) -> None:
             else:
                 local.write_bytes(content)
             mlflow.log_artifact(str(local), artifact_path=path.parent.as_posix())
+
+
+@contextmanager
+def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
+    """A function that sends an epoch's metrics (an `EpochResult`, step = epoch) as the epoch ends, so a
+    RUNNING run's curves grow in the MLflow UI while it trains.
+
+    It hands them to MLflow's asynchronous logging and returns: the loop does not wait for the store.
+    Before each epoch's batch it waits for the previous one, long written unless the store is slower
+    than an epoch, so at most one epoch is in flight, and a store that fails stops the training at
+    the next epoch with the store's error (`run` ends the run FAILED and says it in one line). Leaving
+    the block waits for the last batch.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`_written` raises them)
+        logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+    client = MlflowClient()
+    in_flight: list[Any] = []  # the last batch's `RunOperations`
+
+    def send(result: Any) -> None:
+        if in_flight:
+            _written(in_flight.pop())
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, value, stamp, result.epoch) for key, value in asdict(result).items() if key != "epoch"]
+        in_flight.append(client.log_batch(run_id, metrics=metrics, synchronous=False))
+
+    yield send
+    if in_flight:
+        _written(in_flight.pop())
+
+
+def _written(operations: Any) -> None:
+    """Block until MLflow has written an asynchronous batch; raise the store's own error if it failed
+    (`RunOperations.wait()` folds every failure into one message of their reprs)."""
+    for future in getattr(operations, "_operation_futures", None) or ():
+        future.result()
+    operations.wait()
 
 
 def log_history(run_id: str, history: Sequence[Any]) -> None:
@@ -166,11 +227,9 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
 
-def log_training(run_id: str, history: Sequence[Any], train_seconds: float, files: dict[Path, bytes | str]) -> None:
-    """The curves, the training time and the stage's plots; logged after the loop, outside its timing."""
-    mlflow = mlflow_module()
-    log_history(run_id, history)
-    mlflow.log_metric("train_seconds", train_seconds)
+def log_training(train_seconds: float, files: dict[Path, bytes | str]) -> None:
+    """The training time and the stage's plots, after the loop (the curves went live: `live_history`)."""
+    mlflow_module().log_metric("train_seconds", train_seconds)
     log_files(files)
 
 

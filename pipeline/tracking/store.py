@@ -65,9 +65,13 @@ def store_failures() -> tuple[type[BaseException], ...]:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (MLflow's `.message` if it has one), else its type."""
-    text = redacted(str(getattr(error, "message", "") or error)).strip()  # MLflow's messages hold the URL
-    return text.splitlines()[0] if text else type(error).__name__
+    """The first line of an error's message (MLflow's `.message` if it has one), else its type; past
+    SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble to the database's reason.
+    Without passwords: MLflow's messages hold the URL it called."""
+    lines = redacted(str(getattr(error, "message", "") or error)).strip().splitlines()
+    while len(lines) > 1 and lines[0].startswith("(raised as a result of"):
+        lines = lines[1:]
+    return lines[0] if lines else type(error).__name__
 
 
 STORE_FIX = "check the store (disk, permissions, server) and run again"

@@ -239,7 +239,7 @@ def make_objective(
             trial.set_user_attr("params", flat)
             with tracking.store_errors(f"logging the parameters of trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, params=flat)
-            with runtime.cache_errors_explained():
+            with tracking.system_metrics(run_id), runtime.cache_errors_explained():
                 fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, metrics={"train_seconds": fitted.train_seconds})

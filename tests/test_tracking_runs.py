@@ -1,0 +1,112 @@
+"""tracking.runs: a training's curves sent while it trains, and its system metrics (real SQLite stores)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from pipeline.errors import TrackingError
+from pipeline.fit import EpochResult
+from pipeline.tracking import runs
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite store with MLflow's tables, made once (its schema migrations take most of a second)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the empty store for each test, as MLFLOW_TRACKING_URI; its database file."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    return path
+
+
+def epoch(n: int) -> EpochResult:
+    return EpochResult(n, train_loss=1 / n, train_accuracy=0.5 + n / 100, val_loss=1.1 / n, val_accuracy=0.5 + n / 99)
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.02)
+
+
+def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:
+    """The epochs of the run's validation accuracy in the store, as the MLflow UI reads them."""
+    return [m.step for m in watcher.get_metric_history(run_id, "val_accuracy")]
+
+
+def test_each_epoch_reaches_the_store_while_the_run_is_running(store: Path) -> None:
+    """Read by a second client, as the UI does: once epoch n is sent, epochs 1 .. n-1 are in the store
+    (an epoch's batch is written while the next one trains); when the block ends, all of them."""
+    watcher = MlflowClient(f"sqlite:///{store}")
+    with tracking.run() as run_id, tracking.live_history(run_id) as send:
+        for n in range(1, EPOCHS + 1):
+            send(epoch(n))
+            assert set(range(1, n)) <= set(stored_epochs(watcher, run_id)) <= set(range(1, n + 1))
+            assert watcher.get_run(run_id).info.status == "RUNNING"
+    assert stored_epochs(watcher, run_id) == list(range(1, EPOCHS + 1))
+    stored = watcher.get_metric_history(run_id, "train_loss")
+    assert [m.value for m in stored] == [epoch(n).train_loss for n in range(1, EPOCHS + 1)]
+    assert [m.timestamp for m in stored] == sorted(m.timestamp for m in stored)  # stamped as each epoch ended
+
+
+def fail_metric_writes(database: Path) -> None:
+    """From now on the database refuses every new metric, as a full disk would; the rest still works."""
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON metrics BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+
+
+def test_a_store_failing_mid_training_stops_it_and_fails_the_run_in_one_line(
+    store: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(TrackingError) as raised, tracking.run() as run_id, tracking.live_history(run_id) as send:
+        send(epoch(1))
+        send(epoch(2))
+        wait_for(lambda: stored_epochs(MlflowClient(), run_id) == [1, 2], "epoch 2 written")  # as epoch 3 trains
+        fail_metric_writes(store)
+        send(epoch(3))  # handed to MLflow's queue, which fails to write it
+        send(epoch(4))  # waits for epoch 3 first: the failure stops the training here
+        pytest.fail("the training must stop at the first epoch after the failure")
+    assert str(raised.value) == (
+        f"recording the run in the MLflow store sqlite:///{store} failed (MlflowException: (sqlite3.IntegrityError) "
+        "database or disk is full); check the store (disk, permissions, server) and run again. The previous "
+        "outputs were left as they were."
+    )
+    assert mlflow.get_run(run_id).info.status == "FAILED"
+    assert stored_epochs(MlflowClient(), run_id) == [1, 2]
+    assert capfd.readouterr().err == "", "the error line above is all a user sees of it"
+
+
+def test_a_finished_run_holds_system_metrics(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    monkeypatch.setattr(runs, "SYSTEM_METRICS_SECONDS", 0.1)  # the default (1 s) for a test of a few samples
+    watcher = MlflowClient(f"sqlite:///{store}")
+    with tracking.run() as run_id, tracking.system_metrics(run_id):
+        samples = lambda: len(watcher.get_metric_history(run_id, "system/cpu_utilization_percentage"))  # noqa: E731
+        wait_for(lambda: samples() >= 3, "three samples of MLflow's monitor")
+    finished = watcher.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    system = {key for key in finished.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    steps = [m.step for m in watcher.get_metric_history(run_id, "system/system_memory_usage_megabytes")]
+    assert steps == list(range(len(steps))) and len(steps) >= 3
