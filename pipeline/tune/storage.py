@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import project_root
 from pipeline.errors import TrackingError
+from pipeline.tracking import redacted
 
 if TYPE_CHECKING:
     import optuna
@@ -24,17 +25,6 @@ STORAGE_ATTEMPTS = 5
 def storage_url(option: str | None) -> str:
     """--storage, else OPTUNA_STORAGE, else optuna.db at the repository root."""
     return option or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{project_root() / 'optuna.db'}"
-
-
-def shown_url(url: str) -> str:
-    """The URL with its password hidden, for messages and tags."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 def _creation_race(error: Exception) -> bool:
@@ -67,8 +57,8 @@ def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
                 attempt += 1
                 time.sleep(1.0)  # the other worker's tables are there now
                 continue
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = (redacted(str(error)).strip().splitlines() or [type(error).__name__])[0]
             raise TrackingError(
-                f"the Optuna storage {shown_url(url)} cannot be opened ({reason}); fix --storage or OPTUNA_STORAGE."
+                f"the Optuna storage {redacted(url)} cannot be opened ({reason}); fix --storage or OPTUNA_STORAGE."
             ) from None
 
