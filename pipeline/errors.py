@@ -35,6 +35,15 @@ class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class StoreUnavailableError(TrackingError):
+    """A store (MLflow's, Optuna's) went away for now: its server or its database is down or restarting.
+    `reason` is the short why (`connection refused`); waiting may heal it, unlike other TrackingErrors."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ResourceError(PipelineError):
     """The machine lacks what the work needs: memory, disk space."""
 

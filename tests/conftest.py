@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root, real local HTTPS servers trusted by `requests`, a real SQLite
-MLflow store per test; and quick XLA compilation for the trainings the tests run in their own process."""
+MLflow store per test, a real PostgreSQL server (tests/postgres.py); and quick XLA compilation for the
+trainings the tests run in their own process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from https_server import Certificate, HTTPSServer, make_certificate
+from postgres import PostgresServer, start_server, unavailable
 from workspace import FAST_COMPILE
 
 # set before TensorFlow is imported; see workspace.FAST_COMPILE
@@ -70,3 +72,18 @@ def https_server(tls_certificate: Certificate, monkeypatch: pytest.MonkeyPatch) 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server per session (stopped and deleted at the end); tests create their own
+    databases in it (`postgres.create_database(name)`) and may restart it (`postgres.restart()`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:
+        unavailable('the PostgreSQL driver is not installed: pip install -c requirements.lock -e ".[team]"')
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -27,6 +27,7 @@ from pipeline.config import SEARCH_SPACE_FILE, load_params
 from pipeline.errors import ConfigError, UsageError
 from pipeline.tune.command import parse_args
 from pipeline.tune.space import SearchSpace, differences, parse_set, read_space, trial_params
+from pipeline.tune.storage import GRACE_BEATS
 from pipeline.tune.study import make_sampler
 
 BASE = load_params(REPO / "params.yaml")
@@ -434,13 +435,9 @@ def wait_for_first_epoch(env: dict[str, str], study: str, process: subprocess.Po
 @pytest.mark.e2e
 def test_the_trial_of_a_killed_worker_is_failed_by_the_next(workspace: Path, tune_env: dict[str, str]) -> None:
     study = f"{STUDY}-killed"
-    # the real command with a 1 s heartbeat and a 2 s grace period instead of 30 s and 120 s
-    short = (
-        "from pipeline.tune import command, storage; storage.HEARTBEAT_SECONDS, storage.GRACE_SECONDS = 1, 2; "
-        "command.run()"
-    )
-    args = ["--study", study, "--trials", "1", "--set", "model.hidden_units=[64,32]"]
-    command = [sys.executable, "-c", short, *args]
+    # a 1 s heartbeat, so a trial is stale after 4 s instead of 120 s
+    args = ["--study", study, "--trials", "1", "--heartbeat", "1", "--set", "model.hidden_units=[64,32]"]
+    command = [sys.executable, "-m", "pipeline.tune", *args]
     killed = subprocess.Popen(
         [*command, "--set", "train.epochs=200"], cwd=workspace, env=tune_env, stderr=subprocess.DEVNULL
     )
@@ -453,7 +450,7 @@ def test_the_trial_of_a_killed_worker_is_failed_by_the_next(workspace: Path, tun
             killed.kill()
     _, children = study_runs(tune_env, study)
     assert [c.info.status for c in children] == ["RUNNING"]
-    time.sleep(3)  # past the grace period
+    time.sleep(1 + GRACE_BEATS)  # past the grace period
     done = subprocess.run(
         [*command, "--set", "train.epochs=2"], cwd=workspace, env=tune_env, capture_output=True, text=True, timeout=600
     )

@@ -42,10 +42,12 @@ from pipeline.tracking.store import (
     check_reachable,
     connect,
     mlflow_module,
+    probe,
     shown_store,
     sqlite_path,
     store_errors,
     tracking_uri,
+    unavailable,
 )
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "log_run",
     "log_training",
     "mlflow_module",
+    "probe",
     "process_ended",
     "process_tags",
     "promote_if_better",
@@ -84,4 +87,5 @@ __all__ = [
     "store_errors",
     "system_metrics",
     "tracking_uri",
+    "unavailable",
 ]

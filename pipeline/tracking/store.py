@@ -3,12 +3,14 @@
 The default store is SQLite, `mlflow.db` at the repository root, with artifacts in `mlartifacts/`
 beside it, both found by absolute path: DVC runs `--temp` and queued experiments in copies under
 `.dvc/tmp/exps/`, and a store resolved from the current directory would silently lose those runs.
-`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say).
+`MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say, or its PostgreSQL database
+directly); messages show it without its password (`secrets.redacted`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,9 +19,9 @@ from types import ModuleType
 import requests
 from filelock import FileLock
 
-from pipeline import quiet
+from pipeline import database, quiet
 from pipeline.config import project_root
-from pipeline.errors import TrackingError
+from pipeline.errors import StoreUnavailableError, TrackingError
 from pipeline.secrets import redacted
 from pipeline.tracking import sqlite
 
@@ -74,15 +76,41 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# urllib3's words when MLflow's retries of a 5xx answer ran out (503: the server's database is away)
+_RETRIES_RAN_OUT = re.compile(r"too many \d+ error responses")
+
+
+def unavailable(error: BaseException) -> str | None:
+    """If the store is away for now rather than wrong (its server refuses connections or times out, or
+    keeps answering 5xx because its database is down; a database store lost its server), the short
+    why; else None."""
+    from mlflow.exceptions import MlflowException
+
+    if lost := database.connection_lost(error):
+        return database.hide_password(lost, tracking_uri())
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MlflowException) and current.error_code == "TEMPORARILY_UNAVAILABLE":
+            return "the server says its store is temporarily unavailable"
+        if match := _RETRIES_RAN_OUT.search(str(current)):
+            return f"the server answered {match[0]}"
+        if isinstance(current, (requests.ConnectionError, requests.Timeout)):
+            return _unanswered(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
 STORE_FIX = "check the store (disk, permissions, server) and run again"
 
 
 def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = "") -> str:
     """The one sentence for a store that failed while doing `what`: a damaged or locked SQLite file said
     as such (`sqlite.problem`), anything else with MLflow's reason and `fix`; then `after`, if given."""
-    database = sqlite_path(tracking_uri())
-    found = sqlite.cause(error) if database else None
-    if database and found and (problem := sqlite.problem(database, found)):
+    db_file = sqlite_path(tracking_uri())
+    found = sqlite.cause(error) if db_file else None
+    if db_file and found and (problem := sqlite.problem(db_file, found)):
         text = f"{what} failed: {problem}"
     else:
         text = f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}"
@@ -91,11 +119,22 @@ def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = 
 
 @contextmanager
 def store_errors(what: str, fix: str = STORE_FIX) -> Iterator[None]:
-    """The one translation of a failing store into the project's one-line TrackingError."""
+    """The one translation of a failing store into the project's one-line TrackingError; a store that
+    is only away for now (`unavailable`) raises its StoreUnavailableError kind, which a caller may wait out."""
     try:
         yield
     except store_failures() as error:
-        raise TrackingError(failure(what, error, fix)) from None
+        message = failure(what, error, fix)
+        if reason := unavailable(error):
+            raise StoreUnavailableError(message, reason) from None
+        raise TrackingError(message) from None
+
+
+def probe() -> None:
+    """One cheap query of the store (through its server, if any); StoreUnavailableError while it is away."""
+    mlflow = mlflow_module()
+    with store_errors("asking for the experiment"):
+        mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
 
 
 def tracking_uri() -> str:
@@ -124,8 +163,8 @@ def sqlite_path(uri: str) -> Path | None:
 def artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts go to `mlartifacts/` beside the database, never into the current
     directory (MLflow's default); a server keeps its own artifact store."""
-    database = sqlite_path(uri)
-    return (database.parent / "mlartifacts").as_uri() if database else None
+    db_file = sqlite_path(uri)
+    return (db_file.parent / "mlartifacts").as_uri() if db_file else None
 
 
 def check_reachable(uri: str, writing: bool = True) -> None:
@@ -137,18 +176,25 @@ def check_reachable(uri: str, writing: bool = True) -> None:
     holding it locked (`sqlite.check`; for reading only, unless `writing`).
     """
     _check_where(uri)
-    if database := sqlite_path(uri):
-        sqlite.check(database, _SQLITE_TIMEOUT, writing)
+    if db_file := sqlite_path(uri):
+        sqlite.check(db_file, _SQLITE_TIMEOUT, writing)
 
 
 def _check_where(uri: str) -> None:
     """A server answers as MLflow; a SQLite file's folder exists."""
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif (database := sqlite_path(uri)) and not database.parent.is_dir():
+    elif (db_file := sqlite_path(uri)) and not db_file.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
+    elif database.is_database(uri):  # MLflow would retry for minutes, then end in a traceback
+        database.check_driver(uri, "MLFLOW_TRACKING_URI")
+        if reason := database.unusable(uri):
+            raise TrackingError(
+                f"the MLflow database {redacted(uri)} cannot be used ({reason}); start its server, or "
+                "fix MLFLOW_TRACKING_URI."
+            )
 
 
 def _unanswered(error: Exception) -> str:
@@ -210,13 +256,13 @@ def connect() -> str:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    database = sqlite_path(uri)
+    db_file = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
     # tables and the experiment while the other waits, instead of both racing to create them (and the
     # waiting one would see the new file locked by the other).
-    with FileLock(f"{database}.lock") if database else nullcontext():
-        if database:
-            sqlite.check(database, _SQLITE_TIMEOUT)
+    with FileLock(f"{db_file}.lock") if db_file else nullcontext():
+        if db_file:
+            sqlite.check(db_file, _SQLITE_TIMEOUT)
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is not None:
@@ -229,8 +275,8 @@ def connect() -> str:
                 # on a server the file lock does not apply: another process created it a moment ago
                 return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
         except Exception as error:  # MLflow's errors, and SQLAlchemy's raised while MLflow opens the database
-            if database and (found := sqlite.cause(error)):
-                raise TrackingError(f"{sqlite.unusable(database, found)}. Nothing was changed.") from None
+            if db_file and (found := sqlite.cause(error)):
+                raise TrackingError(f"{sqlite.unusable(db_file, found)}. Nothing was changed.") from None
             if not isinstance(error, MlflowException):
                 raise
             raise TrackingError(

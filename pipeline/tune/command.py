@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import io, lineage, quiet, runtime, tracking
+from pipeline import database, io, lineage, quiet, runtime, tracking
 from pipeline.cli import ArgumentParser, positive, seed
 from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file, project_root
 from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
-from pipeline.tune import workers
+from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
-from pipeline.tune.storage import storage_url
+from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, storage_setting, storage_url
 from pipeline.tune.study import STORE_FIX, make_objective, open_study
 
 if TYPE_CHECKING:
@@ -48,6 +48,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--storage", metavar="URL", help="Optuna storage (default: OPTUNA_STORAGE, else optuna.db)")
     parser.add_argument("--seed", type=seed, default=0, metavar="S", help="sampler seed (default 0)")
+    parser.add_argument(
+        "--heartbeat",
+        type=positive,
+        default=HEARTBEAT_SECONDS,
+        metavar="SECONDS",
+        help=f"how often a worker records that its trial is alive; a trial silent for {GRACE_BEATS} times that "
+        f"is failed by another worker (default {HEARTBEAT_SECONDS}; the same for every worker of a study)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=positive,
+        default=outage.WAIT_SECONDS,
+        metavar="SECONDS",
+        help=f"how long a worker waits for a database that went away mid-study (default {outage.WAIT_SECONDS})",
+    )
     args = parser.parse_args(argv)
     if not STUDY_NAME.fullmatch(args.study):
         raise UsageError(
@@ -71,6 +86,8 @@ def main(argv: Sequence[str]) -> None:
     """Check everything, then run this worker's trials and print the study's best."""
     args = parse_args(argv)
     quiet.configure_logging()
+    url = storage_url(args.storage)
+    database.check_driver(url, storage_setting(args.storage))
     if not PARAMS_FILE.is_file():
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
     base = load_params()
@@ -81,7 +98,6 @@ def main(argv: Sequence[str]) -> None:
     experiment_id = tracking.connect()  # fails in seconds on a dead server
     with tracking.store_errors("ending the runs of killed processes", STORE_FIX):
         tracking.end_orphaned_runs(experiment_id)
-    url = storage_url(args.storage)
     uri = tracking.tracking_uri()
     if not args.storage and not os.environ.get("OPTUNA_STORAGE") and uri.startswith(("http://", "https://")):
         log.warning(
@@ -92,7 +108,7 @@ def main(argv: Sequence[str]) -> None:
     origin = lineage.lineage_tags(PARAMS_FILE, {s: prepared_file(s) for s in ("train", "validation")})
     tags = {key: value for key, value in origin.items() if key != "params_md5"}  # a trial is not params.yaml
     tags["optuna.storage"] = tracking.redacted(url)
-    shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags)
+    shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags, args.heartbeat)
     study_id = shared.storage.get_study_id_from_name(args.study)
     present = workers.Workers(shared.storage, study_id, shared.parent_run_id)
     with tracking.store_errors("joining the study's parent run", STORE_FIX):
@@ -107,7 +123,7 @@ def main(argv: Sequence[str]) -> None:
                 mine.append(trial)
                 report(study, trial)
 
-            shared.study.optimize(objective, n_trials=args.trials, catch=TRIAL_ERRORS, callbacks=[after])
+            outage.optimize(shared, objective, args.trials, TRIAL_ERRORS, [after], url, args.wait)
     finally:
         closing = tracking.store_errors("closing the study's parent run", STORE_FIX)
         with contextlib.suppress(Exception) if sys.exc_info()[0] else closing:
@@ -124,4 +140,3 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
     """The console script."""
     run_stage(lambda: main(sys.argv[1:]))
-

@@ -1,13 +1,21 @@
 """Optuna's storage of the studies: a database that every worker opens (SQLite by default, the team's
-PostgreSQL for several machines), with heartbeats so that the trials of a dead worker are failed."""
+PostgreSQL for several machines), with heartbeats so that the trials of a dead worker are failed.
+
+A worker records a heartbeat for its trial every `--heartbeat` seconds; a trial whose heartbeat is
+older than GRACE_BEATS of them is failed by the next worker that starts a trial (the workers of one
+study should use the same value). A heartbeat that cannot be recorded while the database restarts is
+skipped, not fatal: the next one is recorded when it is back.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pipeline import database
 from pipeline.config import project_root
 from pipeline.errors import TrackingError
 from pipeline.tracking import redacted
@@ -18,8 +26,10 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120
+GRACE_BEATS = 4  # a trial is stale after this many heartbeats missed: 120 s with the default
 STORAGE_ATTEMPTS = 5
+
+__all__ = ["GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "storage_setting", "storage_url"]
 
 
 def storage_url(option: str | None) -> str:
@@ -27,38 +37,75 @@ def storage_url(option: str | None) -> str:
     return option or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{project_root() / 'optuna.db'}"
 
 
+def storage_setting(option: str | None) -> str:
+    """Where the storage URL came from, as messages name it."""
+    return "--storage" if option else "OPTUNA_STORAGE" if os.environ.get("OPTUNA_STORAGE") else "the default storage"
+
+
 def _creation_race(error: Exception) -> bool:
-    """Two workers creating the tables of a new database at once: the loser's error, worth a retry."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    """Two workers creating the tables of a new database at once: the loser's error, worth a retry
+    (SQLite: locked, or the table already exists; PostgreSQL: a duplicate row in its catalog, or the
+    type of Optuna's enum columns created since it looked)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     text = str(error)
     return isinstance(error, IntegrityError) or (
-        isinstance(error, OperationalError) and ("already exists" in text or "locked" in text)
+        isinstance(error, (OperationalError, ProgrammingError)) and ("already exists" in text or "locked" in text)
     )
 
 
-def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage:
-    """Optuna's RDBStorage with heartbeats; a database that cannot be opened is one sentence."""
+def _storage_class() -> type[RDBStorage]:
     from optuna.storages import RDBStorage
 
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    class Storage(RDBStorage):
+        """RDBStorage whose heartbeat thread outlives a restart of the database: a beat that cannot be
+        recorded because the server went away is skipped (Optuna's thread would die with a traceback)."""
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                super().record_heartbeat(trial_id)
+            except Exception as error:
+                if database.connection_lost(error) is None:
+                    raise
+
+    return Storage
+
+
+def open_storage(
+    url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None], heartbeat: int = HEARTBEAT_SECONDS
+) -> RDBStorage:
+    """Optuna's RDBStorage with heartbeats; a database that cannot be opened is one sentence."""
+    options: dict[str, Any] = database.engine_options(url)
     attempt = 1
     while True:
         try:
-            return RDBStorage(
+            return _storage_class()(
                 url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
+                engine_kwargs=options,
+                heartbeat_interval=heartbeat,
+                grace_period=GRACE_BEATS * heartbeat,
                 heartbeat_stale_trial_callback=on_stale,
             )
-        except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a missing driver, a dead server
+        except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a dead server
             if _creation_race(error) and attempt < STORAGE_ATTEMPTS:
                 attempt += 1
                 time.sleep(1.0)  # the other worker's tables are there now
                 continue
-            reason = (redacted(str(error)).strip().splitlines() or [type(error).__name__])[0]
+            cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
+            reason = (str(cause).strip().splitlines() or [type(error).__name__])[0]
             raise TrackingError(
-                f"the Optuna storage {redacted(url)} cannot be opened ({reason}); fix --storage or OPTUNA_STORAGE."
+                f"the Optuna storage {redacted(url)} cannot be opened ({database.hide_password(reason, url)}); "
+                "fix --storage or OPTUNA_STORAGE."
             ) from None
 
+
+def wait_until_back(storage: RDBStorage, study_name: str, seconds: float) -> bool:
+    """Poll the storage until it answers a query again (True), or `seconds` have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(Exception):
+            storage.get_study_id_from_name(study_name)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(2.0)

@@ -10,14 +10,14 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline import io, recipe, runtime, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
-from pipeline.tune.storage import open_storage
+from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage
 
 if TYPE_CHECKING:
     import optuna
@@ -75,12 +75,14 @@ def make_pruner(space: SearchSpace, base: Params) -> optuna.pruners.BasePruner:
 
 @dataclass
 class Study:
-    """An Optuna study and its MLflow parent run, shared by every worker."""
+    """An Optuna study and its MLflow parent run, shared by every worker; and the MLflow run of each
+    trial this worker started (by trial number), to close it if the trial's own cleanup could not."""
 
     study: optuna.Study
     storage: RDBStorage
     parent_run_id: str
     experiment_id: str
+    runs: dict[int, str] = field(default_factory=dict)
 
 
 def _wait_for_parent(study: optuna.Study) -> str | None:
@@ -140,14 +142,21 @@ def _check_definition(study: optuna.Study, space: SearchSpace) -> None:
 
 
 def open_study(
-    name: str, url: str, space: SearchSpace, base: Params, seed: int, experiment_id: str, tags: dict[str, str]
+    name: str,
+    url: str,
+    space: SearchSpace,
+    base: Params,
+    seed: int,
+    experiment_id: str,
+    tags: dict[str, str],
+    heartbeat: int = HEARTBEAT_SECONDS,
 ) -> Study:
     """Create the study or join it; exactly one worker creates its MLflow parent run."""
     import optuna
     from optuna.exceptions import DuplicatedStudyError
     from optuna.study import StudyDirection
 
-    storage = open_storage(url, close_stale_run)
+    storage = open_storage(url, close_stale_run, heartbeat)
     try:
         storage.create_new_study([StudyDirection.MAXIMIZE], name)
         created = True
@@ -223,6 +232,7 @@ def make_objective(
                     **tracking.process_tags(),
                 },
             )
+        shared.runs[trial.number] = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         status, state, reason = "FAILED", "FAIL", ""
 

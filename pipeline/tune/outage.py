@@ -1,0 +1,176 @@
+"""What a worker does when a store goes away mid-study (the team's PostgreSQL restarts, the MLflow
+server's database is down): ONE line saying which store went away and why, the trial in flight failed
+(with its MLflow run), a wait for the store to answer again, then the trials the worker has left. A
+store that is not back within `--wait` seconds is one `error:` line; the study resumes whenever a
+worker is started again. Waiting is only for a store that went away: a wrong URL, password or query
+stops the worker at once, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline import database, tracking
+from pipeline.errors import StoreUnavailableError, TrackingError
+from pipeline.tune.storage import wait_until_back
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from pipeline.tune.study import Study
+
+log = logging.getLogger("pipeline.tune")
+
+WAIT_SECONDS = 600
+_POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Which store went away (as shown: no password) and the driver's or server's short reason."""
+
+    store: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.store} went away ({self.reason})"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not e for e in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def outage_of(error: BaseException, url: str) -> Outage | None:
+    """The outage that `error` reports, if it is one: the MLflow store (through tracking's
+    StoreUnavailableError, or an HTTP error of its server) or the Optuna storage at `url`."""
+    mlflow_store = f"the MLflow store {tracking.shown_store()}"
+    for cause in _chain(error):
+        if isinstance(cause, StoreUnavailableError):
+            return Outage(mlflow_store, cause.reason)
+    if lost := database.connection_lost(error):
+        return Outage(f"the Optuna storage {tracking.redacted(url)}", database.hide_password(lost, url))
+    if away := tracking.unavailable(error):
+        return Outage(mlflow_store, away)
+    return None
+
+
+def _mlflow_back(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(TrackingError):
+            tracking.probe()
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+
+
+def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
+    """Whether `error` is Optuna refusing to update trial `number` because another worker already
+    failed it: its heartbeat was late (an outage longer than the grace period, a stalled machine)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    refused = any(
+        isinstance(cause, UpdateFinishedTrialError) or str(cause).startswith("Cannot tell a FAIL trial")
+        for cause in _chain(error)
+    )
+    if not refused:
+        return False
+    try:
+        study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
+        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return bool(shared.storage.get_trial(trial_id).state == TrialState.FAIL)
+    except Exception:
+        return False
+
+
+def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
+    """The trial that the outage interrupted: FAIL in the study (unless its end was recorded, or another
+    worker failed it meanwhile) and its MLflow run FAILED with the reason."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = shared.storage
+    reason = f"{outage}; the trial was interrupted"
+    study_id = storage.get_study_id_from_name(shared.study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    state = storage.get_trial(trial_id).state
+    if state == TrialState.RUNNING:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason[:1000])
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            state = TrialState.FAIL
+    if state == TrialState.FAIL and (run_id := shared.runs.get(number)):
+        with tracking.store_errors(f"closing the run of trial {number}", "run the worker again"):
+            tracking.end_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason[:5000]})
+
+
+def optimize(
+    shared: Study,
+    objective: Callable[[optuna.Trial], float],
+    trials: int,
+    catch: tuple[type[Exception], ...],
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+    url: str,
+    wait: float = WAIT_SECONDS,
+) -> None:
+    """`study.optimize` for `trials` trials (a trial an outage failed counts as one), waiting out the
+    outages of the stores as the module docstring says."""
+    started: list[int] = []
+    finished: set[int] = set()
+
+    def counted(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        return objective(trial)
+
+    def ended(study: optuna.Study, trial: FrozenTrial) -> None:
+        finished.add(trial.number)
+
+    while len(started) < trials:
+        try:
+            shared.study.optimize(counted, n_trials=trials - len(started), catch=catch, callbacks=[ended, *callbacks])
+            return
+        except Exception as error:
+            outage = outage_of(error, url)
+            in_flight = started[-1] if started and started[-1] not in finished else None
+            if outage is None:
+                if in_flight is not None and _failed_elsewhere(shared, in_flight, error):
+                    finished.add(in_flight)
+                    log.warning(
+                        "warning: trial %d was failed by another worker while this one trained it (its heartbeat "
+                        "was late); this worker goes on.",
+                        in_flight,
+                    )
+                    continue
+                raise
+        during = f"during trial {in_flight}, which fails" if in_flight is not None else "between trials"
+        log.warning(
+            "warning: %s %s; this worker waits up to %d s for it to come back, then goes on.", outage, during, wait
+        )
+        deadline = time.monotonic() + wait
+        if not (
+            wait_until_back(shared.storage, shared.study.study_name, wait)
+            and _mlflow_back(max(deadline - time.monotonic(), 0.0))
+        ):
+            raise TrackingError(
+                f"{outage} and did not come back within {wait:.0f} s; start it again, then this worker "
+                "(the study resumes where it stopped)."
+            )
+        if in_flight is not None:
+            try:
+                fail_in_flight(shared, in_flight, outage)
+            except Exception as error:  # gone again already: the next round says so and waits again
+                if outage_of(error, url) is None:
+                    raise
