@@ -13,21 +13,23 @@ import re
 from typing import Any
 
 from pipeline.errors import TrackingError
+from pipeline.secrets import redacted
 
 TEAM_EXTRA = 'pip install -c requirements.lock -e ".[team]"'
 CONNECT_SECONDS = 10
-# scheme://user:password@host: the password of any URL (http ones too), for texts that are not a URL
+# scheme://user:password@host: where a URL's password is, to hide it where a message quotes it bare
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s]+)@")
 
 
 def shown_url(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages and tags."""
-    return _CREDENTIALS.sub(lambda match: f"{match['head']}***@", url)
+    """The URL with its password replaced by `***`, for messages and tags (`secrets.redacted`)."""
+    return redacted(url)
 
 
 def hide_password(text: str, url: str) -> str:
-    """`text` (a driver's error message, say) with the URL's password, wherever it appears, as `***`."""
-    text = shown_url(text)
+    """`text` (a driver's error message, say) without secrets, and without the URL's password wherever it
+    appears on its own."""
+    text = redacted(text)
     if match := _CREDENTIALS.search(url):
         from urllib.parse import unquote
 

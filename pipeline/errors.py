@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
+from pipeline.secrets import redact_logging, redacted
+
 
 class PipelineError(Exception):
     """A problem the user can fix; its message says what is wrong and how."""
@@ -58,13 +60,42 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    """One character as Python writes it in a string literal: `\\t`, `\\x1b`, `\\u2028`, `\\U0001f600`."""
+    if named := _NAMED.get(char):
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escaped(text: str, backslash: bool = True) -> str:
+    r"""`text` with Python's string-literal escape for every character that is not printable (a tab `\t`,
+    a newline `\n`, other controls `\x1b`, a byte of a file name that is not UTF-8 `\udcff`) and, with
+    `backslash`, for the backslash itself (`\\`), so that any file name is one field of one line and
+    decodes back to itself; printable characters (spaces, accents, any script) stay as they are."""
+    if text.isprintable() and not (backslash and "\\" in text):
+        return text
+    return "".join(
+        "\\\\" if char == "\\" and backslash else char if char.isprintable() else _escape(char) for char in text
+    )
+
+
 def report(error: PipelineError) -> None:
-    """One `error:` line on stderr: how every command states a problem the user can fix."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    """One `error:` line on stderr: how every command states a problem the user can fix. Whatever the
+    message holds (a file name with a newline, say), it stays one line, and no password shows in it."""
+    print(f"error: {escaped(redacted(str(error)), backslash=False)}", file=sys.stderr, flush=True)
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's `main`, turning expected failures into one line on stderr and an exit code."""
+STAGE_INTERRUPTED = "outputs written before were left as they were"
+
+
+def run_stage(main: Callable[[], None], interrupted: str = STAGE_INTERRUPTED) -> None:
+    """Run a stage's (or a command's) `main`, turning expected failures into one line on stderr and an
+    exit code; `interrupted` says what Ctrl-C or SIGTERM left behind."""
+    redact_logging()
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C interrupts a stage even when it was started with SIGINT ignored (as shells and CI
     # runners do for background jobs), so an interruption always ends the MLflow run as KILLED.
@@ -75,8 +106,8 @@ def run_stage(main: Callable[[], None]) -> None:
         report(error)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); outputs written before were left as they were.", file=sys.stderr)
+        print(f"error: interrupted (Ctrl-C); {interrupted}.", file=sys.stderr)
         sys.exit(130)
     except Terminated:
-        print("error: terminated (SIGTERM); outputs written before were left as they were.", file=sys.stderr)
+        print(f"error: terminated (SIGTERM); {interrupted}.", file=sys.stderr)
         sys.exit(143)

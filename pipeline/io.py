@@ -3,14 +3,17 @@
 A stage that fails or is killed at any moment (Ctrl-C, SIGTERM, a full disk) must leave either all of
 its old outputs or all of its new ones, never a mix and never a half-written file: `staged_outputs`
 writes every output to a temporary file beside its target first, and renames them into place only
-once all of them are written (a rename needs no space and POSIX makes each one atomic).
+once all of them are written (a rename needs no space and POSIX makes each one atomic). A process killed
+outright (kill -9) leaves its temporary files; the next run that writes the same output removes them.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -21,14 +24,53 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
+from pipeline import processes
 from pipeline.errors import DataError, ResourceError
+
+log = logging.getLogger("pipeline.io")
 
 
 def _temporary_beside(target: Path) -> Path:
+    """An empty file `.<name>.<owner>.<random>.tmp<suffix>` beside `target`, where `owner` names this process
+    (`processes.owner`), so that a later run can tell a dead process's leftovers from live work."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix)
+    prefix = f".{target.name}.{processes.owner()}."
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp" + target.suffix)
     os.close(fd)
     return Path(tmp)
+
+
+def _owner_of_temporary(target: Path, name: str) -> str | None:
+    """The owner token in `name` if it is one of `_temporary_beside(target)`'s names, else None."""
+    head, tail = f".{target.name}.", ".tmp" + target.suffix
+    if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+        return None
+    owner, dot, random = name[len(head) : -len(tail)].rpartition(".")
+    return owner if dot and random and _MKSTEMP_NAME.fullmatch(random) else None
+
+
+_MKSTEMP_NAME = re.compile(r"[a-z0-9_]+")  # the characters `tempfile.mkstemp` draws its names from
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the temporary files beside `target` that a process killed outright (kill -9, power loss)
+    left behind: only names `_temporary_beside` makes, and only those whose process has ended, so a
+    user's files and another running stage's staged outputs stay. Returns what it removed."""
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:  # no folder yet, or unreadable: nothing of ours there
+        return []
+    removed = []
+    for leftover in entries:
+        owner = _owner_of_temporary(target, leftover.name)
+        if owner is not None and processes.owner_gone(owner):
+            try:
+                leftover.unlink()
+            except OSError:  # gone already (a concurrent sweep), or not ours to delete: leave it
+                continue
+            removed.append(leftover)
+            log.info("removed %s, left by process %s that no longer exists", leftover, owner.partition("-")[0])
+    return removed
 
 
 def _no_space(target: Path, size: int | None) -> ResourceError:
@@ -54,7 +96,9 @@ class StagedOutputs:
         self._pending: dict[Path, Path] = {}
 
     def write(self, target: Path, writer: Callable[[Path], object], size: int | None = None) -> None:
-        """Let `writer` fill a temporary file that will replace `target` on commit."""
+        """Let `writer` fill a temporary file that will replace `target` on commit (and first remove what
+        a killed earlier run left staged for `target`)."""
+        remove_leftovers(target)
         try:
             tmp = _temporary_beside(target)
             self._pending[target] = tmp

@@ -1,31 +1,38 @@
-"""Command `mnist-predict IMAGE [IMAGE ...] [--model URI_OR_PATH]`: classify photos or scans of digits.
+"""Command `mnist-predict IMAGE [IMAGE ...] [--model URI_OR_PATH] [--json]`: classify photos or scans of digits.
 
 The network only knows MNIST's conventions, so each image is brought to them first: white digit on
 black, cropped to the digit, its longer side scaled to 20 px, centred by its centre of mass on a 28x28
 canvas, pixels / 255. Without this a dark digit on white paper, or one off-centre in a photo, is noise.
 
 The default model is the registry's champion in the pipeline's store; `--model` takes any MLflow model
-URI, or a `.keras` file such as `models/model.keras` (logits out, so its softmax is taken). One
-tab-separated line per image, `file digit probability`. A file that cannot be used (missing, not an
-image, blank, above `MAX_PIXELS`) gets one `error:` line on stderr, the others are still classified,
-and the exit code is 1.
+URI, or a `.keras` file (logits out, so its softmax is taken). One line per image: `file digit
+probability` tab-separated, the name escaped as in a Python string literal (`errors.escaped`), or with
+`--json` a JSON object. A pipe or device (`/dev/stdin`) must give its image within `STREAM_WAIT` s. A
+file that cannot be used gets one `error:` line on stderr, the others are still classified, exit code 1.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
+import selectors
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import tracking
+from pipeline import quiet, tracking
 from pipeline.cli import ArgumentParser
-from pipeline.errors import DataError, report, run_stage
+from pipeline.errors import DataError, escaped, report, run_stage
 
 DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
 SIDE = 28  # the MNIST canvas
@@ -37,6 +44,11 @@ INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper
 # resolution (12-24 MP) and bounds the float32 copies `to_mnist` makes (about 1 GB for RGBA at the limit);
 # it also stays below Pillow's own decompression-bomb threshold (89.5 MP), whose warning would reach stderr.
 MAX_PIXELS = 40_000_000
+BATCH = 256  # images per call of an MLflow model
+# A pipe or device (`/dev/stdin`, a FIFO) is read whole into memory: it must give its image without a pause
+# of more than STREAM_WAIT seconds, and at most MAX_STREAM_BYTES, so that no input makes the command hang.
+STREAM_WAIT = 5.0
+MAX_STREAM_BYTES = 64 << 20
 
 Classifier = Callable[[np.ndarray], np.ndarray]
 Prediction = tuple[Path, int, float]
@@ -90,16 +102,74 @@ def _header_only() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open a file reading only its header; refuse it, pixels still undecoded, if it exceeds MAX_PIXELS."""
+def shown(path: Path) -> str:
+    """A file name as the output and the messages write it: one field of one line (`errors.escaped`)."""
+    return escaped(str(path))
+
+
+def _read_stream(fd: int, path: Path, kind: str) -> bytes:
+    """All that a pipe or device gives until it ends, refused if it stays silent for `STREAM_WAIT`
+    seconds or gives more than `MAX_STREAM_BYTES` (so that no input can make the command hang)."""
+    chunks: list[bytes] = []
+    size = 0
+    # poll(2), not epoll: epoll refuses devices such as /dev/zero, which are always readable
+    with getattr(selectors, "PollSelector", selectors.SelectSelector)() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if not selector.select(STREAM_WAIT):
+                given = f"gave {size} bytes, then nothing" if size else "gave no data"
+                raise DataError(
+                    f"{shown(path)} is {kind} that {given} for {STREAM_WAIT:g} s; pass an image file, or write "
+                    f"a whole PNG or JPEG into it (`cat digit.png | mnist-predict /dev/stdin`)."
+                )
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:  # woken without data after all
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_STREAM_BYTES:
+                raise DataError(
+                    f"{shown(path)} is {kind} that gave more than {MAX_STREAM_BYTES >> 20} MiB without ending; "
+                    "pass a PNG or JPEG image of one digit."
+                )
+            chunks.append(chunk)
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[IO[bytes]]:
+    """The file's bytes to read: a regular file as it is; a pipe (`/dev/stdin`, a FIFO) or a device read
+    whole into memory, with a time limit. Opening never blocks, not even on a FIFO without a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            handle: IO[bytes] = os.fdopen(fd, "rb")
+        else:
+            kind = "a pipe" if stat.S_ISFIFO(mode) else "a device"  # a socket cannot be opened
+            handle = BytesIO(_read_stream(fd, path, kind))
+            os.close(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def open_image(source: IO[bytes], path: Path) -> Image.Image:
+    """Open an image reading only its header; refuse it, pixels still undecoded, if it exceeds MAX_PIXELS."""
     with _header_only():
-        image = Image.open(path)
+        image = Image.open(source)
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
         raise DataError(
-            f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the limit of "
-            f"{MAX_PIXELS / 1e6:.0f} megapixels (MAX_PIXELS in pipeline/predict.py); "
+            f"{shown(path)} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the limit "
+            f"of {MAX_PIXELS / 1e6:.0f} megapixels (MAX_PIXELS in pipeline/predict.py); "
             "scale it down or crop it to the digit."
         )
     return image
@@ -108,20 +178,20 @@ def open_image(path: Path) -> Image.Image:
 def load_image(path: Path) -> np.ndarray:
     """Read and preprocess one file; every way it can fail is a DataError that names the file."""
     try:
-        with open_image(path) as image, warnings.catch_warnings():
+        with opened(path) as source, open_image(source, path) as image, warnings.catch_warnings():
             # a bomb hidden past the header (a frame or tile larger than the image): an error, not a warning
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
             try:
                 return to_mnist(image)
             except DataError as error:
-                raise DataError(f"{path}: {error}; pass an image of one digit.") from None
+                raise DataError(f"{shown(path)}: {error}; pass an image of one digit.") from None
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist; check the file name.") from None
+        raise DataError(f"{shown(path)} does not exist; check the file name.") from None
     # not an image, truncated, a folder, unreadable, a frame or tile beyond Pillow's bomb limits
     except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         reason = "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else str(error)
-        raise DataError(f"{path} cannot be read ({reason}); pass a PNG or JPEG image of one digit.") from None
+        raise DataError(f"{shown(path)} cannot be read ({reason}); pass a PNG or JPEG image of one digit.") from None
 
 
 def _quiet_keras() -> None:
@@ -144,9 +214,15 @@ def load_keras(path: Path) -> Classifier:
 
 
 def load_mlflow(uri: str) -> Classifier:
-    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities."""
+    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities.
+    Rows go in batches of `BATCH`, under the row limit of a registered model (tracking/serving.py)."""
     model = tracking.load_model(uri, before_load=_quiet_keras)
-    return lambda x: np.asarray(model.predict(x), dtype=np.float64)
+
+    def classifier(x: np.ndarray) -> np.ndarray:
+        batches = [model.predict(x[start : start + BATCH]) for start in range(0, len(x), BATCH)]
+        return np.concatenate([np.asarray(batch, dtype=np.float64) for batch in batches])
+
+    return classifier
 
 
 def load_model(uri: str) -> Classifier:
@@ -182,9 +258,20 @@ def classify(
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
 
 
+def record(prediction: Prediction, as_json: bool) -> str:
+    """One output line: `file<TAB>digit<TAB>probability` with the file name escaped (`shown`), or with
+    `as_json` a JSON object `{"file": ..., "digit": ..., "probability": ...}`."""
+    path, digit, probability = prediction
+    if not as_json:
+        return f"{shown(path)}\t{digit}\t{probability:.4f}"
+    line = json.dumps({"file": str(path), "digit": digit, "probability": probability}, ensure_ascii=False)
+    # a byte of the name that is not UTF-8 is a lone surrogate in Python: written as JSON's `\udcff` escape
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line and print `file<TAB>digit<TAB>probability` for each image it can classify;
-    exit 1 after one `error:` line per file it cannot."""
+    """Parse the command line and print one record per image it can classify; exit 1 after one `error:`
+    line per file it cannot."""
     parser = ArgumentParser(prog="mnist-predict", description="Classify images of handwritten digits.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, one digit each")
     parser.add_argument(
@@ -193,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="URI_OR_PATH",
         help=f"an MLflow model URI (runs:/..., models:/...) or a .keras file (default: {DEFAULT_MODEL})",
     )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated fields")
     args = parser.parse_args(argv)
     failed: list[DataError] = []
 
@@ -200,16 +288,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         report(error)  # at once: the model load that follows may take seconds
         failed.append(error)
 
-    for path, digit, probability in classify(args.images, args.model, on_error=skip):
-        print(f"{path}\t{digit}\t{probability:.4f}")
+    for prediction in classify(args.images, args.model, on_error=skip):
+        print(record(prediction, args.json))
     if failed:
         sys.exit(1)  # each failure has had its line
 
 
 def run() -> None:
     """The console script. MLflow's info logs are silenced so stderr holds only problems."""
+    quiet.configure_logging()
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    run_stage(lambda: main(sys.argv[1:]))
+    run_stage(lambda: main(sys.argv[1:]), interrupted="no image was classified")
 
 
 if __name__ == "__main__":

@@ -87,5 +87,8 @@ def configure_logging() -> None:
     if not VERBOSE:
         # MLflow's SQLite set-up ("Creating initial tables", alembic "Context impl SQLiteImpl") and
         # matplotlib's one-off "generated new fontManager" are INFO lines of these loggers.
-        for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "matplotlib"):
+        for name in ("alembic", "mlflow.store.tracking.sqlalchemy_store", "matplotlib"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A database that fails (locked, damaged) gets a traceback logged by MLflow for every query it
+        # tries before the error reaches the command, which then says it in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

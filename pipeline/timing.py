@@ -16,23 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import processes
+
 _phases: dict[str, float] = {}
-
-
-def process_start(pid: int) -> str | None:
-    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
-    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
 
 
 def process_seconds() -> float:
     """Wall seconds since this process started (Linux: from /proc; elsewhere: since this module loaded)."""
-    started = process_start(os.getpid())
+    started = processes.start(os.getpid())
     try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError):

@@ -29,6 +29,27 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
+    of MLflow's schema migrations) takes seconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite store of its own for each test (a copy of the empty one), as MLFLOW_TRACKING_URI."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     """One self-signed certificate for 127.0.0.1 per session (key generation is the slow part)."""
     return make_certificate(tmp_path_factory.mktemp("tls"))
@@ -51,27 +72,6 @@ def https_server(tls_certificate: Certificate, monkeypatch: pytest.MonkeyPatch) 
     yield start
     for server in servers:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real SQLite store with MLflow's tables and nothing else, made once: creating the tables (all
-    of MLflow's schema migrations) takes most of a second."""
-    import mlflow
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite store of its own for each test (a copy of the empty one), as MLFLOW_TRACKING_URI."""
-    path = tmp_path / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    uri = f"sqlite:///{path}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 @pytest.fixture(scope="session")

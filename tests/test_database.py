@@ -27,7 +27,8 @@ SECRET_URL = "postgresql://team:pa%3Ass@db.internal:5432/optuna"
 def test_urls_and_messages_never_show_the_password() -> None:
     assert database.shown_url(SECRET_URL) == "postgresql://team:***@db.internal:5432/optuna"
     assert database.shown_url("https://me:token@mlflow.example") == "https://me:***@mlflow.example"
-    assert database.shown_url("postgresql://team@db/optuna") == "postgresql://team@db/optuna"
+    # a lone user name is hidden too: in https://TOKEN@host it is the credential itself
+    assert database.shown_url("postgresql://team@db/optuna") == "postgresql://***@db/optuna"
     assert database.shown_url("sqlite:////srv/optuna.db") == "sqlite:////srv/optuna.db"
     text = f"could not connect with password pa:ss to {SECRET_URL}"
     assert database.hide_password(text, SECRET_URL) == (

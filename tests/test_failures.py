@@ -13,19 +13,22 @@ import json
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
-from workspace import QUICK, clone, free_port, set_params, sh, venv_env
+from workspace import QUICK, REPO, clone, free_port, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -239,6 +242,185 @@ def test_failing_artifact_store_while_recording_the_evaluation(repo: Path) -> No
     assert trained_in.data.tags.get("resume_failed"), "the run says its evaluation failed"
 
 
+# --- no password in any message, log line or run record ------------------------------------------
+
+SECRET = "s3cret"
+
+
+def with_password(url: str) -> str:
+    """`http://127.0.0.1:port` as a team's URL with credentials in it: `http://alice:s3cret@127.0.0.1:port`."""
+    return url.replace("://", f"://alice:{SECRET}@", 1)
+
+
+def hidden(url: str) -> str:
+    return url.replace(SECRET, "***")
+
+
+def answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=2)
+    except requests.RequestException:
+        return False
+    return True
+
+
+@contextmanager
+def web_server_that_is_not_mlflow(folder: Path) -> Iterator[str]:
+    """Python's own file server on 127.0.0.1: it answers every request, 404 for MLflow's API."""
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with started(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/"), 30, "the web server")
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
+def test_no_password_in_the_messages_about_a_server(repo: Path, tmp_path: Path, verbose: str) -> None:
+    before = snapshot(repo)
+    dead = with_password(f"http://127.0.0.1:{free_port()}")
+    with web_server_that_is_not_mlflow(tmp_path) as foreign:
+        for uri, says in ((dead, "is unreachable"), (with_password(foreign), "is not an MLflow tracking server")):
+            env = ENV | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_VERBOSE": verbose}
+            done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env, timeout=120)
+            assert SECRET not in done.stdout + done.stderr
+            assert_failed_cleanly(repo, before, done.returncode, done.stderr, hidden(uri), says)
+
+
+def test_no_password_in_what_mnist_tune_and_mnist_predict_say(repo: Path, tmp_path: Path) -> None:
+    dead = with_password(f"http://127.0.0.1:{free_port()}")
+    tune = [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"]
+    image = tmp_path / "digit.png"
+    shutil.copy2(REPO / "docs/images/confusion.png", image)  # any image: the store fails first
+    storage = f"postgresql://bob:{SECRET}@127.0.0.1:{free_port()}/optuna"
+    cases = [
+        (tune, {"MLFLOW_TRACKING_URI": dead}, f"{hidden(dead)} is unreachable"),
+        ([*tune, "--storage", storage], {}, f"the Optuna storage {hidden(storage)} cannot be opened"),
+        ([sys.executable, "-m", "pipeline.predict", image], {"MLFLOW_TRACKING_URI": dead}, "is unreachable"),
+    ]
+    for command, env, says in cases:
+        done = run(*command, cwd=repo, env=ENV | env, timeout=120)
+        assert SECRET not in done.stdout + done.stderr
+        assert done.returncode == 1 and says in error_line(done.stderr), done.stderr
+
+
+def test_no_password_when_recording_on_a_server_fails(repo: Path, tmp_path: Path) -> None:
+    """A real `mlflow server` whose artifact store is broken: MLflow's own error names the URL it called,
+    credentials included; the message, the log lines and the failed run's records must not."""
+    from test_server import mlflow_server
+
+    broken = tmp_path / "artifacts"
+    broken.write_text("not a folder\n")
+    before = snapshot(repo)
+    with mlflow_server(tmp_path, ENV, artifacts=broken) as url:
+        for verbose in ("0", "1"):
+            env = ENV | {"MLFLOW_TRACKING_URI": with_password(url), "PIPELINE_VERBOSE": verbose}
+            done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env)
+            assert SECRET not in done.stdout + done.stderr
+            shown = hidden(with_password(url))
+            assert_failed_cleanly(repo, before, done.returncode, done.stderr, "recording the run", shown)
+        server = MlflowClient(tracking_uri=url)
+        runs = server.search_runs([e.experiment_id for e in server.search_experiments()])
+        assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+        for found in runs:
+            records = json.dumps([found.data.params, found.data.tags, found.info.run_name])
+            assert SECRET not in records and "alice" not in records
+
+
+# --- a damaged or locked mlflow.db ------------------------------------------------------------------
+
+
+@contextmanager
+def damaged_store(repo: Path, damage: str) -> Iterator[Path]:
+    """The clone's mlflow.db cut to its 100-byte header, or overwritten with random bytes; put back after."""
+    database = repo / "mlflow.db"
+    kept = repo.parent / "mlflow.db.kept"
+    shutil.copy2(database, kept)
+    try:
+        if damage == "truncated":
+            os.truncate(database, 100)
+        else:
+            database.write_bytes(os.urandom(database.stat().st_size))
+        yield database
+    finally:
+        shutil.copy2(kept, database)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_store_is_one_line_for_every_command(repo: Path, tmp_path: Path, damage: str) -> None:
+    set_params(repo, train__seed=11)  # a train.* change: `dvc repro` trains
+    before = snapshot(repo)
+    image = tmp_path / "digit.png"
+    shutil.copy2(REPO / "docs/images/confusion.png", image)
+    commands = [
+        ["dvc", "repro"],
+        [sys.executable, "-m", "pipeline.predict", image],
+        [sys.executable, "-m", "pipeline.tune", "--study", "s", "--trials", "1"],
+    ]
+    with damaged_store(repo, damage) as database:
+        outcomes = [run(*command, cwd=repo) for command in commands]
+    for done in outcomes:
+        line = error_line(done.stderr)
+        assert done.returncode != 0 and "Traceback" not in done.stdout
+        assert f"the MLflow database {database} is damaged (" in line, line
+        assert f"`mv {database} {database}.damaged`" in line and "restore it from a backup" in line
+    assert_failed_cleanly(repo, before, outcomes[0].returncode, outcomes[0].stderr, "is damaged")
+
+
+def test_a_store_locked_for_a_while_is_waited_for_and_said(repo: Path) -> None:
+    """The store is held locked (by this process) when the stage connects, and let go once it has said so."""
+    command = [sys.executable, "-m", "pipeline.train"]
+    with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
+        with locked_store(repo):
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if "is locked by" in line:
+                    break
+        stderr = "".join(lines) + process.stderr.read()
+        assert process.wait(timeout=300) == 0, stderr
+    waiting = [line for line in stderr.splitlines() if "is locked by" in line]
+    assert len(waiting) == 1, stderr
+    assert waiting[0].startswith(f"{repo / 'mlflow.db'} is locked by process {os.getpid()} (`")  # this one
+    assert waiting[0].endswith("`); waiting up to 60 s for it to be released")
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
+def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(
+    repo: Path, verbose: str
+) -> None:
+    set_params(repo, train__seed=13)
+    before = snapshot(repo)
+    command = [sys.executable, "-m", "pipeline.train"]
+    env = ENV | {"PIPELINE_VERBOSE": verbose}
+    with started(command, cwd=repo, env=env, stderr=subprocess.PIPE) as process:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("epoch 1/"):
+                break
+        with locked_store(repo):  # until the stage has given up
+            stderr = "".join(lines) + process.stderr.read()
+            process.wait(timeout=300)
+    assert process.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    database = repo / "mlflow.db"
+    assert last.startswith(f"error: recording the run failed: the MLflow database {database} is locked by process ")
+    assert last.endswith(
+        "; let it finish or end it, then run again. The previous outputs were left as they were; the run could "
+        f"not be ended either: the next run on {socket.gethostname()} marks it KILLED."
+    )
+    if verbose == "0":
+        assert error_line(stderr) == last and "Traceback" not in stderr
+    else:
+        assert "Traceback" in stderr and "database is locked" in stderr, "PIPELINE_VERBOSE shows MLflow's tracebacks"
+    assert fingerprint(repo, before.paths) == before.digests and not leftovers(repo, before.paths)
+    left = [r for r in all_runs(repo) if r.info.status == "RUNNING"]
+    assert len(left) == 1, "the store refused to end it"
+    sh(sys.executable, "-m", "pipeline.evaluate", cwd=repo, env=ENV)  # the next run on this machine
+    assert client(repo).get_run(left[0].info.run_id).info.status == "KILLED"
+    assert model_versions(repo) == before.versions
+
+
 # --- bad parameters ---------------------------------------------------------------------------------
 
 
@@ -392,6 +574,54 @@ def test_killed_repro_recovers_on_the_next_run(repo: Path) -> None:
     sh("dvc", "repro", cwd=repo, env=ENV)
     assert "Running stage" not in sh("dvc", "repro", cwd=repo, env=ENV).stdout
     assert sh("dvc", "status", cwd=repo, env=ENV).stdout.strip().endswith("up to date.")
+
+
+@contextmanager
+def locked_store(repo: Path) -> Iterator[sqlite3.Connection]:
+    """The clone's mlflow.db held under an exclusive SQLite lock, as another process writing to it would:
+    nobody else can read or write it until the block ends."""
+    holder = sqlite3.connect(repo / "mlflow.db", isolation_level=None, timeout=30)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        yield holder
+    finally:
+        holder.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_files_staged_by_a_stage_killed_while_logging_are_removed_by_the_next_run(repo: Path) -> None:
+    """SIGKILL (nothing can clean up) while the stage records its run: its staged outputs stay on disk,
+    held by no process; the next `dvc repro` removes them, and only them."""
+    set_params(repo, train__seed=7)  # a training whose outputs differ from the committed ones
+    outputs = stage_outputs(repo, "train")
+    users_file = repo / "models" / ".model.keras.mine.tmp.keras"  # looks alike, but is not of our naming
+    users_file.write_text("a user's notes\n")
+    command = [sys.executable, "-m", "pipeline.train"]
+    with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
+        # Staging the outputs needs no store, recording them does: a lock taken once the first staged file
+        # appears lets the stage stage them all, then holds it at its next write to the store.
+        wait_for(lambda: len(leftovers(repo, outputs)) > 1, 300, "the first staged output")
+        with locked_store(repo):
+            wait_for(lambda: len(leftovers(repo, outputs)) == len(outputs) + 1, 60, "the staged outputs")
+            time.sleep(0.5)  # the last one is being written; the stage is then waiting for the store
+            process.kill()
+            process.wait(timeout=60)
+        staged = [tmp for tmp in leftovers(repo, outputs) if tmp != users_file]
+    assert len(staged) == len(outputs), staged
+    killed = [r for r in all_runs(repo) if r.info.status == "RUNNING"]
+    assert len(killed) == 1
+    sh("dvc", "repro", cwd=repo, env=ENV)
+    assert leftovers(repo, outputs) == [users_file]
+    untracked = sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).stdout.splitlines()
+    assert [line for line in untracked if ".tmp" in line] == ["?? models/.model.keras.mine.tmp.keras"]
+    assert client(repo).get_run(killed[0].info.run_id).info.status == "KILLED"
+    users_file.unlink()
 
 
 # --- the XLA compilation cache ------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,63 @@ def test_read_json_explains_missing_and_corrupt_files(tmp_path: Path) -> None:
         io.read_json(tmp_path / "train.json", "train")
     (tmp_path / "train.json").write_text(json.dumps({"a": 1}))
     assert io.read_json(tmp_path / "train.json", "train") == {"a": 1}
+
+
+# --- what a process killed outright leaves behind ------------------------------------------------------
+
+STAGE_AND_STAY = """
+import sys
+from pathlib import Path
+from pipeline import io
+print(io._temporary_beside(Path(sys.argv[1])), flush=True)
+sys.stdin.read()  # holds its temporary file, as a stage does, until the test lets it end
+"""
+
+
+def staging_process(target: Path) -> tuple[subprocess.Popen, Path]:
+    """Another real process with a staged temporary file for `target`; it ends when its stdin closes."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", STAGE_AND_STAY, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_leftovers_of_a_dead_process_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "model.keras"
+    process, staged = staging_process(target)
+    process.kill()  # SIGKILL: no cleanup runs
+    process.wait(timeout=30)
+    assert staged.exists() and staged.name.startswith(f".model.keras.{process.pid}")
+    with io.staged_outputs() as out:
+        out.write_bytes(target, b"new")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.keras"]
+
+
+def test_a_running_process_keeps_its_staged_files(tmp_path: Path) -> None:
+    target = tmp_path / "model.keras"
+    process, staged = staging_process(target)
+    try:
+        with io.staged_outputs() as out:
+            out.write_bytes(target, b"mine")
+        assert staged.exists(), "another stage's file in flight must stay"
+    finally:
+        process.communicate("", timeout=30)  # it exits normally, without committing
+    assert io.remove_leftovers(target) == [staged]
+
+
+def test_only_files_of_its_own_naming_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "model.keras"
+    dead_owner = f"{os.getpid()}-1"  # this pid, but another start time: a process that has ended
+    ours = tmp_path / f".model.keras.{dead_owner}.k2j_9x1a.tmp.keras"
+    others = [
+        ".model.keras.notes.tmp.keras",  # not an owner token
+        f".model.keras.{dead_owner}.tmp.keras",  # no random part
+        f".model.keras.{dead_owner}.k2j_9x1a.tmp.h5",  # another suffix
+        f".other.keras.{dead_owner}.k2j_9x1a.tmp.keras",  # another output's
+        f".model.keras.{io.processes.owner()}.k2j_9x1a.tmp.keras",  # this live process's
+        "model.keras.bak",
+    ]
+    for name in [ours.name, *others]:
+        (tmp_path / name).write_text("x")
+    assert io.remove_leftovers(target) == [ours]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)

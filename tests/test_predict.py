@@ -8,8 +8,12 @@ training core, `pipeline.fit` (about a second).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -345,3 +349,122 @@ def test_classify_raises_without_on_error_and_collects_with_it(trained_model: Pa
     assert [path for path, _, _ in results] == [good]
     assert len(failed) == 1 and "nope.png does not exist" in str(failed[0])
     assert predict.classify([tmp_path / "nope.png"], str(tmp_path / "none.keras"), on_error=failed.append) == []
+
+
+# --- pipes, devices and hostile file names ------------------------------------------------------------
+
+
+@pytest.fixture
+def short_wait(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(predict, "STREAM_WAIT", 0.5)
+    return 0.5
+
+
+def test_a_fifo_nobody_writes_is_refused_after_the_wait(tmp_path: Path, short_wait: float) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"fifo\.png is a pipe that gave no data for 0\.5 s; pass an image file"):
+        predict.load_image(fifo)
+    assert time.monotonic() - started < 5
+
+
+def test_a_fifo_another_process_writes_an_image_into_is_read(tmp_path: Path) -> None:
+    image = write_one(tmp_path / "one.png")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", 'sleep 0.3; cat "$0" > "$1"', image, fifo])
+    try:
+        np.testing.assert_array_equal(predict.load_image(fifo), predict.load_image(image))
+    finally:
+        writer.wait(timeout=30)
+
+
+def test_devices_are_read_with_limits(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"/dev/zero is a device that gave more than 64 MiB without ending"):
+        predict.load_image(Path("/dev/zero"))
+    with pytest.raises(DataError, match=r"/dev/null cannot be read \(not an image Pillow can read\)"):
+        predict.load_image(Path("/dev/null"))
+    with pytest.raises(DataError, match=r"cannot be read \(.*directory"):
+        predict.load_image(tmp_path)
+
+
+def unescaped(field: str) -> str:
+    """A file name as mnist-predict's tab-separated output escapes it, read back (docs/serving.md)."""
+    return field.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+HOSTILE = ["tab\there.png", "new\nline.png", "esc\x1b[31mape.png", "back\\slash.png", "quote\"'.png", "é 数字.png"]
+
+
+def test_each_record_is_one_line_of_three_fields_whatever_the_name() -> None:
+    for name in HOSTILE:
+        line = predict.record((Path(name), 7, 0.99751), as_json=False)
+        fields = line.split("\t")
+        assert len(line.splitlines()) == 1 and len(fields) == 3, line
+        assert unescaped(fields[0]) == name
+        assert fields[1:] == ["7", "0.9975"]
+        assert json.loads(predict.record((Path(name), 7, 0.99751), as_json=True)) == {
+            "file": name,
+            "digit": 7,
+            "probability": 0.99751,
+        }
+
+
+@pytest.mark.e2e  # runs the real command in a process of its own
+def test_cli_fifo_never_hangs_and_stdin_still_works(
+    trained_model: Path, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    assert_one_error_line(cli(fifo, env=cli_env), f"{fifo} is a pipe that gave no data for 5 s")
+    assert time.monotonic() - started < 30
+    image = write_one(tmp_path / "one.png")
+    command = [sys.executable, "-m", "pipeline.predict", "/dev/stdin", "--model", str(trained_model)]
+    with image.open("rb") as piped:
+        done = subprocess.run(command, stdin=piped, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("/dev/stdin\t1\t")
+
+
+@pytest.mark.e2e  # runs the real command in a process of its own
+def test_cli_hostile_names_give_one_parseable_record_or_error_line_each(
+    trained_model: Path, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    files = [write_one(tmp_path / name) for name in [*HOSTILE, os.fsdecode(b"not-utf8-\xff.png")]]
+    missing = tmp_path / "missing\nfile\t.png"
+    for as_json in (False, True):
+        done = cli(*files, missing, "--model", trained_model, *(["--json"] if as_json else []), env=cli_env)
+        assert done.returncode == 1
+        lines = done.stdout.splitlines()
+        assert len(lines) == len(files), lines
+        if as_json:
+            read = [json.loads(line)["file"] for line in lines]
+        else:
+            assert all(len(line.split("\t")) == 3 for line in lines), lines
+            read = [unescaped(line.split("\t")[0]) for line in lines]
+        assert read == [str(path) for path in files]
+        assert error_lines(done, model_ran=True) == [
+            f"error: {tmp_path}/missing\\nfile\\t.png does not exist; check the file name."
+        ]
+
+
+@pytest.mark.e2e  # runs the real command in a process of its own
+def test_cli_interrupted_says_what_it_left(cli_env: dict[str, str], tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-m", "pipeline.predict", str(fifo)]
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # it has opened the pipe and waits for data: the moment to press Ctrl-C
+        while not any(fd.resolve() == fifo for fd in Path(f"/proc/{process.pid}/fd").iterdir()):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stderr == "error: interrupted (Ctrl-C); no image was classified.\n"

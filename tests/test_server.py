@@ -75,9 +75,9 @@ def env() -> dict[str, str]:
 
 
 @contextmanager
-def mlflow_server(root: Path, env: dict[str, str]) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`): its URL,
-    reachable from this process too while the block runs; stopped at the end."""
+def mlflow_server(root: Path, env: dict[str, str], artifacts: Path | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`, or in
+    `artifacts`): its URL, reachable from this process too while the block runs; stopped at the end."""
     url = f"http://127.0.0.1:{free_port()}"
     process = Process(
         [
@@ -86,7 +86,7 @@ def mlflow_server(root: Path, env: dict[str, str]) -> Iterator[str]:
             "--backend-store-uri",
             f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
-            str(root / "artifacts"),
+            str(artifacts or root / "artifacts"),
             "--serve-artifacts",
             "--host",
             "127.0.0.1",
@@ -199,3 +199,67 @@ def test_mnist_predict_uses_the_servers_champion(
     assert all(0.3 < float(row[2]) <= 1 for row in rows)
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def request_body(token: str = "0.0", columns: int = 784, rows: int = 1) -> str:
+    """A JSON request of `rows` rows of `columns` zeros whose value 5 of the first row is `token`, written
+    as raw text: `NaN` and `Infinity` are what a client's JSON encoder may send, not valid JSON."""
+    values = ["0.0"] * columns
+    values[5] = token
+    first = "[" + ",".join(values) + "]"
+    zeros = "[" + ",".join(["0.0"] * columns) + "]"
+    return '{"inputs": [' + ",".join([first] + [zeros] * (rows - 1)) + "]}"
+
+
+def post(url: str, body: str) -> requests.Response:
+    return requests.post(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (request_body("NaN"), "row 0, value 5 is nan"),
+        (request_body("Infinity"), "row 0, value 5 is inf"),
+        (request_body("-Infinity"), "row 0, value 5 is -inf"),
+        (request_body('"NaN"'), "row 0, value 5 is nan"),
+        (request_body("1e300"), "row 0, value 5 is inf"),
+        (request_body("-0.1"), "outside [0, 1]"),
+        (request_body("1.5"), "outside [0, 1]"),
+        (request_body(columns=785), "784"),
+        (request_body(rows=1001), "1001 rows in one request, above this model's limit of 1000"),
+    ],
+    ids=["NaN", "Infinity", "-Infinity", "string NaN", "1e300", "-0.1", "1.5", "785 values", "1001 rows"],
+)
+def test_the_served_model_refuses_what_is_not_a_digit(served_model: str, body: str, says: str) -> None:
+    response = post(served_model, body)
+    assert response.status_code == 400, response.text[:500]
+    answer = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in the answer"))
+    assert answer["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    assert says in answer["message"], answer["message"][-500:]
+    print(answer["message"][-300:])  # shown with `pytest -rP`: what a client reads
+
+
+def test_a_server_can_start_with_another_row_limit(
+    tmp_path: Path, env: dict[str, str], server: tuple[str, Path], workspace: Path
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
+    settings = {"MLFLOW_TRACKING_URI": server[0], "SERVING_MODEL_CONFIG": '{"max_rows": 2}'}
+    address = ["-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    process = Process([*command, *address], tmp_path / "serve.log", env | settings)
+    try:
+        process.wait_until_up(f"{url}/ping", timeout=150)
+        assert post(url, request_body(rows=2)).status_code == 200
+        refused = post(url, request_body(rows=3))
+        assert refused.status_code == 400 and "3 rows in one request, above this model's limit of 2" in refused.text
+    finally:
+        process.stop()
+
+
+def test_the_served_model_still_answers_good_rows_at_the_limit(served_model: str) -> None:
+    response = post(served_model, request_body("0.5", rows=1000))
+    assert response.status_code == 200, response.text[:500]
+    probabilities = np.array(json.loads(response.text)["predictions"])
+    assert probabilities.shape == (1000, 10) and np.isfinite(probabilities).all()

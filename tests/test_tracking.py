@@ -285,3 +285,85 @@ def test_run_killed_with_sigkill_is_ended_by_the_next_run(store: str) -> None:
     with tracking.run() as run_id:
         assert run_status(orphan) == "KILLED"
     assert run_status(run_id) == "FINISHED"
+
+
+# --- a damaged or locked SQLite store ---------------------------------------------------------------
+
+
+HOLD = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def holding(database: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding `database` under an exclusive lock for `seconds`, once it says so."""
+    command = [sys.executable, "-c", HOLD, str(database), str(seconds)]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_store_is_named_with_what_to_do(store: str, damage: str) -> None:
+    database = tracking.sqlite_path(store)
+    assert database is not None
+    if damage == "truncated":
+        os.truncate(database, 100)  # the header, and nothing of the schema
+    else:
+        database.write_bytes(os.urandom(50_000))
+    kept = database.read_bytes()
+    with pytest.raises(TrackingError) as caught:
+        tracking.connect()
+    message = str(caught.value)
+    assert message.startswith(f"the MLflow database {database} is damaged (")
+    assert f"`mv {database} {database}.damaged`" in message and "restore it from a backup" in message
+    assert database.read_bytes() == kept, "the damaged file is left for the user to rescue"
+
+
+@pytest.mark.e2e  # another process of its own holds the lock
+def test_a_store_locked_too_long_names_the_holder(store: str, caplog: pytest.LogCaptureFixture) -> None:
+    database = tracking.sqlite_path(store)
+    assert database is not None
+    holder = holding(database, 60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TrackingError) as caught:
+            tracking.sqlite.check(database, wait=3)
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert 2.5 < waited < 10
+    assert f"locked by process {holder.pid} (`{sys.executable} -c" in caplog.text and "waiting up to 3 s" in caplog.text
+    message = str(caught.value)
+    assert message.startswith(f"the MLflow database {database} is locked by process {holder.pid} (")
+    assert "for more than 3 s; let it finish or end it, then run again" in message
+
+
+@pytest.mark.e2e  # another process of its own holds the lock
+def test_a_store_locked_for_a_moment_is_waited_for(store: str, caplog: pytest.LogCaptureFixture) -> None:
+    database = tracking.sqlite_path(store)
+    assert database is not None
+    holder = holding(database, 4)
+    try:
+        tracking.sqlite.check(database, wait=30)  # returns once the holder has let go
+    finally:
+        holder.wait()
+    assert f"is locked by process {holder.pid}" in caplog.text
+
+
+def test_a_read_only_store_is_enough_to_read(store: str, tmp_path: Path) -> None:
+    database = tracking.sqlite_path(store)
+    assert database is not None
+    database.chmod(0o444)
+    try:
+        tracking.sqlite.check(database, wait=1, writing=False)
+        if os.geteuid() != 0:  # root writes read-only files
+            with pytest.raises(TrackingError, match="cannot be used"):
+                tracking.sqlite.check(database, wait=1)
+    finally:
+        database.chmod(0o644)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -20,21 +19,10 @@ from pipeline.tracking import runs
 EPOCHS = 5
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real SQLite store with MLflow's tables, made once (its schema migrations take most of a second)."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the empty store for each test, as MLFLOW_TRACKING_URI; its database file."""
-    path = tmp_path / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
-    return path
+def store_file(store: str) -> Path:
+    """The database file of this test's own SQLite store (conftest's `store`)."""
+    return Path(store.removeprefix("sqlite:///"))
 
 
 def epoch(n: int) -> EpochResult:
@@ -53,10 +41,10 @@ def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:
     return [m.step for m in watcher.get_metric_history(run_id, "val_accuracy")]
 
 
-def test_each_epoch_reaches_the_store_while_the_run_is_running(store: Path) -> None:
+def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path) -> None:
     """Read by a second client, as the UI does: once epoch n is sent, epochs 1 .. n-1 are in the store
     (an epoch's batch is written while the next one trains); when the block ends, all of them."""
-    watcher = MlflowClient(f"sqlite:///{store}")
+    watcher = MlflowClient(f"sqlite:///{store_file}")
     with tracking.run() as run_id, tracking.live_history(run_id) as send:
         for n in range(1, EPOCHS + 1):
             send(epoch(n))
@@ -77,30 +65,30 @@ def fail_metric_writes(database: Path) -> None:
 
 
 def test_a_store_failing_mid_training_stops_it_and_fails_the_run_in_one_line(
-    store: Path, capfd: pytest.CaptureFixture[str]
+    store_file: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(TrackingError) as raised, tracking.run() as run_id, tracking.live_history(run_id) as send:
         send(epoch(1))
         send(epoch(2))
         wait_for(lambda: stored_epochs(MlflowClient(), run_id) == [1, 2], "epoch 2 written")  # as epoch 3 trains
-        fail_metric_writes(store)
+        fail_metric_writes(store_file)
         send(epoch(3))  # handed to MLflow's queue, which fails to write it
         send(epoch(4))  # waits for epoch 3 first: the failure stops the training here
         pytest.fail("the training must stop at the first epoch after the failure")
     assert str(raised.value) == (
-        f"recording the run in the MLflow store sqlite:///{store} failed (MlflowException: (sqlite3.IntegrityError) "
-        "database or disk is full); check the store (disk, permissions, server) and run again. The previous "
-        "outputs were left as they were."
+        f"recording the run in the MLflow store sqlite:///{store_file} failed (MlflowException: "
+        "(sqlite3.IntegrityError) database or disk is full); check the store (disk, permissions, server) and "
+        "run again. The previous outputs were left as they were."
     )
     assert mlflow.get_run(run_id).info.status == "FAILED"
     assert stored_epochs(MlflowClient(), run_id) == [1, 2]
     assert capfd.readouterr().err == "", "the error line above is all a user sees of it"
 
 
-def test_a_finished_run_holds_system_metrics(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_finished_run_holds_system_metrics(store_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
     monkeypatch.setattr(runs, "SYSTEM_METRICS_SECONDS", 0.1)  # the default (1 s) for a test of a few samples
-    watcher = MlflowClient(f"sqlite:///{store}")
+    watcher = MlflowClient(f"sqlite:///{store_file}")
     with tracking.run() as run_id, tracking.system_metrics(run_id):
         samples = lambda: len(watcher.get_metric_history(run_id, "system/cpu_utilization_percentage"))  # noqa: E731
         wait_for(lambda: samples() >= 3, "three samples of MLflow's monitor")

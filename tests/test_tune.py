@@ -156,6 +156,30 @@ def test_set_values_are_yaml_and_checked() -> None:
         read_space(REPO / SEARCH_SPACE_FILE, BASE, parse_set(["train.epochs=1"], BASE))
 
 
+def test_a_rule_across_keys_names_where_each_value_came_from(tmp_path: Path) -> None:
+    """The space file's fixed: holds train.warmup_epochs = 1; --set train.epochs=1 clashes with it."""
+    space = REPO / SEARCH_SPACE_FILE
+    with pytest.raises(ConfigError) as caught:
+        read_space(space, BASE, parse_set(["train.epochs=1"], BASE))
+    assert str(caught.value) == (
+        "--set: train.warmup_epochs = 1 leaves no epoch to decay in; use fewer than train.epochs = 1 "
+        f"(train.warmup_epochs = 1 is from fixed: in {space}, train.epochs = 1 from --set): pin "
+        f"train.warmup_epochs with --set as well, or change it in fixed: in {space}."
+    )
+    with pytest.raises(ConfigError) as caught:
+        read_space(space, BASE, parse_set(["train.schedule=constant"], BASE))
+    assert "(train.warmup_epochs = 1 is from fixed: in " in str(caught.value)
+    assert "train.schedule = constant from --set): pin train.warmup_epochs with --set as well" in str(caught.value)
+    # the space file's fixed: against params.yaml
+    searched = {"train.learning_rate": {"low": 0.001, "high": 0.1}}
+    message = space_error(tmp_path, {"space": searched, "fixed": {"train.nesterov": True}})
+    assert "(train.nesterov = true is from fixed: in " in message
+    assert "train.optimizer = sgd from params.yaml" in message
+    assert message.endswith("hold train.optimizer in fixed: as well, or change it in params.yaml.")
+    # one place only: the schema's sentence as it is
+    assert " from " not in space_error(tmp_path, {"space": searched, "fixed": {"train.epochs": 0}})
+
+
 def test_set_pins_a_key_over_the_space_and_the_fixed_values() -> None:
     pinned = parse_set(["train.learning_rate=0.002", "train.epochs=3"], BASE)
     space = read_space(REPO / SEARCH_SPACE_FILE, BASE, pinned)
@@ -490,6 +514,19 @@ def test_missing_data_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == "error: data/prepared/train.npz is missing; run `dvc repro prepare` to create it."
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_mnist_tune_names_where_clashing_values_came_from(tmp_path: Path) -> None:
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "recipes").mkdir()
+    shutil.copy2(REPO / SEARCH_SPACE_FILE, tmp_path / SEARCH_SPACE_FILE)
+    done = tune_in(tmp_path, "--set", "train.epochs=1")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --set: train.warmup_epochs = 1 leaves no epoch to decay in")
+    assert done.stderr.endswith(
+        "(train.warmup_epochs = 1 is from fixed: in recipes/search_space.yaml, train.epochs = 1 from --set): pin "
+        "train.warmup_epochs with --set as well, or change it in fixed: in recipes/search_space.yaml.\n"
+    )
 
 
 def test_a_bad_space_file_is_one_line(tmp_path: Path) -> None:

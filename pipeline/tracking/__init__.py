@@ -6,6 +6,7 @@ holds the runs (a training and its evaluation, a search's parent and child runs)
 names below (`from pipeline import tracking; tracking.run(...)`).
 """
 
+from pipeline.secrets import redacted
 from pipeline.tracking.registry import (
     CHAMPION,
     REGISTERED_MODEL,
@@ -42,7 +43,7 @@ from pipeline.tracking.store import (
     connect,
     mlflow_module,
     probe,
-    shown_uri,
+    shown_store,
     sqlite_path,
     store_errors,
     tracking_uri,
@@ -75,12 +76,13 @@ __all__ = [
     "process_tags",
     "promote_if_better",
     "record_test_accuracy",
+    "redacted",
     "reopen_run",
     "resume",
     "run",
     "run_exists",
     "run_status",
-    "shown_uri",
+    "shown_store",
     "sqlite_path",
     "store_errors",
     "system_metrics",

@@ -4,12 +4,15 @@ loading a registered model for `mnist-predict`."""
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Callable
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TrackingError
-from pipeline.tracking.store import first_line, mlflow_module, shown_uri, sqlite_path, tracking_uri
+from pipeline.secrets import redacted
+from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
@@ -93,32 +96,38 @@ def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
 
 
 def log_model(model: Any, example: Any) -> str:
-    """Log the model with a softmax head (it serves class probabilities), a signature and an example into
-    the active run, and register it as a new version of `mnist-bn-mlp`; return the version."""
+    """Log the model into the active run as MLflow will serve it, and register it as a new version of
+    `mnist-bn-mlp`; return the version. The served form (`serving.py`, logged as code: no pickle) is the
+    network with a softmax head (ten class probabilities), which refuses rows that are not 784 pixel
+    values in [0, 1] and requests above `serving.MAX_ROWS` rows; with a signature and an input example."""
     import keras
-    import mlflow
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    from pipeline.model import with_softmax
+    from pipeline.model import save, with_softmax
     from pipeline.quiet import filtered_stderr
+    from pipeline.tracking import serving
 
+    mlflow = mlflow_module()
     served = with_softmax(model)
     signature = infer_signature(example, served(example).numpy())
-    # MLflow checks the input example by reloading the model and predicting it: Keras' progress bar (on
-    # stdout) and TensorFlow's C++ log lines of that check are noise, and so is the registry's chatter.
-    with contextlib.redirect_stdout(StringIO()), filtered_stderr():
-        # The TensorFlow flavour (it saves Keras 3 models in the native .keras format): the Keras
-        # flavour of MLflow 3.17 fails when given an input example (mlflow/mlflow#16183).
-        info = mlflow.tensorflow.log_model(
-            served,
-            name="model",
-            signature=signature,
-            input_example=example,
-            registered_model_name=REGISTERED_MODEL,
-            # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
-            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
-        )
+    with tempfile.TemporaryDirectory() as folder:
+        network = Path(folder) / f"{serving.NETWORK}.keras"
+        save(served, network)
+        # MLflow checks the input example by loading the model and predicting it: TensorFlow's C++ log
+        # lines of that check are noise, and so is the registry's chatter.
+        with contextlib.redirect_stdout(StringIO()), filtered_stderr():
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=Path(serving.__file__),
+                artifacts={serving.NETWORK: str(network)},
+                model_config={"max_rows": serving.MAX_ROWS},
+                signature=signature,
+                input_example=example,
+                registered_model_name=REGISTERED_MODEL,
+                # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
+                pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+            )
     return str(info.registered_model_version)
 
 
@@ -129,7 +138,7 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
     from pipeline.tracking.store import check_reachable
 
     store = tracking_uri()
-    check_reachable(store)
+    check_reachable(store, writing=False)
     # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
     if (database := sqlite_path(store)) and not database.is_file():
         raise TrackingError(
@@ -144,6 +153,6 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
         return mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
         raise TrackingError(
-            f"cannot load the model {uri} from {shown_uri()} ({first_line(error)}); run `dvc repro` to train and "
-            "register one, or pass --model with another URI or a .keras file."
+            f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "
+            "train and register one, or pass --model with another URI or a .keras file."
         ) from None

@@ -17,10 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline import quiet
+from pipeline import processes, quiet
 from pipeline.errors import Terminated, TrackingError
-from pipeline.timing import process_start
-from pipeline.tracking.store import connect, first_line, mlflow_module, shown_uri, store_errors, store_failures
+from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -36,23 +35,9 @@ SYSTEM_METRICS_SECONDS = 1.0
 def process_tags() -> dict[str, str]:
     """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-    if start := process_start(os.getpid()):
+    if start := processes.start(os.getpid()):
         tags[PID_START_TAG] = start
     return tags
-
-
-def _process_gone(pid: int, start: str | None) -> bool:
-    """Whether the process that tagged a run on this host has ended (or its pid now names another)."""
-    if Path("/proc/self/stat").exists():
-        now = process_start(pid)
-        return now is None or (start is not None and now != start)
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, another user's
-        return False
-    return False
 
 
 def process_ended(tags: dict[str, str]) -> bool:
@@ -61,7 +46,7 @@ def process_ended(tags: dict[str, str]) -> bool:
     pid = tags.get(PID_TAG, "")
     if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
         return False
-    return _process_gone(int(pid), tags.get(PID_START_TAG))
+    return processes.gone(int(pid), tags.get(PID_START_TAG))
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
@@ -83,7 +68,7 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
         for found in page:
             tags = found.data.tags
             pid = tags.get(PID_TAG, "")
-            if not pid.isdigit() or not _process_gone(int(pid), tags.get(PID_START_TAG)):
+            if not pid.isdigit() or not processes.gone(int(pid), tags.get(PID_START_TAG)):
                 continue
             client.set_terminated(found.info.run_id, "KILLED")
             ended.append(found.info.run_id)
@@ -118,13 +103,15 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
         run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
     )
 
-    def end(status: str, reason: str) -> None:
+    def end(status: str, reason: str) -> bool:
+        """End the run as `status` (a resumed one as it was); False if the store failed that too."""
         try:
             if earlier:
                 client.set_tag(active.info.run_id, "resume_failed", reason)
             mlflow.end_run(earlier or status)
         except store_failures():
-            pass  # the store itself is failing: the error being raised says so
+            return False  # the store itself is failing: the error being raised says so
+        return True
 
     try:
         yield active.info.run_id
@@ -133,12 +120,10 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
         raise
     except store_failures() as error:
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
-        end("FAILED", first_line(error))
-        with store_errors(
-            "recording the run",
-            "check the store (disk, permissions, server) and run again. The previous outputs were left as they were",
-        ):
-            raise
+        after = "The previous outputs were left as they were"
+        if not end("FAILED", first_line(error)) and not earlier:
+            after += f"; the run could not be ended either: the next run on {socket.gethostname()} marks it KILLED"
+        raise TrackingError(failure("recording the run", error, after=after)) from None
 
     except BaseException as error:
         end("FAILED", str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -152,7 +137,7 @@ def resume(run_id: str) -> AbstractContextManager[str]:
     connect()
     if not run_exists(run_id):
         raise TrackingError(
-            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {shown_uri()}; "
+            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {shown_store()}; "
             "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
         )
     return run(run_id=run_id)

@@ -4,7 +4,7 @@ The default store is SQLite, `mlflow.db` at the repository root, with artifacts 
 beside it, both found by absolute path: DVC runs `--temp` and queued experiments in copies under
 `.dvc/tmp/exps/`, and a store resolved from the current directory would silently lose those runs.
 `MLFLOW_TRACKING_URI` overrides the store (a team's `mlflow server`, say, or its PostgreSQL database
-directly); messages show it without its password (`database.shown_url`).
+directly); messages show it without its password (`secrets.redacted`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from filelock import FileLock
 from pipeline import database, quiet
 from pipeline.config import project_root
 from pipeline.errors import StoreUnavailableError, TrackingError
+from pipeline.secrets import redacted
+from pipeline.tracking import sqlite
 
 EXPERIMENT = "mnist-batchnorm"
 # A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
@@ -38,11 +40,13 @@ _NO_ANSWER = (  # (text in the error of `requests`, what the message says)
 )
 _SQLITE_TIMEOUT = 60
 # How MLflow behaves for the pipeline, set before MLflow is first imported (`mlflow_module`): fail fast
-# against a server that is down instead of minutes of retries, no download bars, no INFO chatter.
+# against a server that is down instead of minutes of retries, no download bars, no INFO chatter, and
+# no "View run at <server URL>" lines on stdout (they print the URL as given, password included).
 _SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -64,12 +68,12 @@ def store_failures() -> tuple[type[BaseException], ...]:
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (MLflow's `.message` if it has one), else its type; past
-    SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble to the database's reason;
-    never the store's password."""
-    lines = str(getattr(error, "message", "") or error).strip().splitlines()
+    SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble to the database's reason.
+    Without passwords: MLflow's messages hold the URL it called."""
+    lines = redacted(str(getattr(error, "message", "") or error)).strip().splitlines()
     while len(lines) > 1 and lines[0].startswith("(raised as a result of"):
         lines = lines[1:]
-    return database.hide_password(lines[0] if lines else type(error).__name__, tracking_uri())
+    return lines[0] if lines else type(error).__name__
 
 
 # urllib3's words when MLflow's retries of a 5xx answer ran out (503: the server's database is away)
@@ -98,15 +102,29 @@ def unavailable(error: BaseException) -> str | None:
     return None
 
 
+STORE_FIX = "check the store (disk, permissions, server) and run again"
+
+
+def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = "") -> str:
+    """The one sentence for a store that failed while doing `what`: a damaged or locked SQLite file said
+    as such (`sqlite.problem`), anything else with MLflow's reason and `fix`; then `after`, if given."""
+    db_file = sqlite_path(tracking_uri())
+    found = sqlite.cause(error) if db_file else None
+    if db_file and found and (problem := sqlite.problem(db_file, found)):
+        text = f"{what} failed: {problem}"
+    else:
+        text = f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}"
+    return f"{text}." + (f" {after}." if after else "")
+
+
 @contextmanager
-def store_errors(what: str, fix: str = "check the store (disk, permissions, server) and run again") -> Iterator[None]:
+def store_errors(what: str, fix: str = STORE_FIX) -> Iterator[None]:
     """The one translation of a failing store into the project's one-line TrackingError; a store that
     is only away for now (`unavailable`) raises its StoreUnavailableError kind, which a caller may wait out."""
     try:
         yield
     except store_failures() as error:
-        failure = f"{type(error).__name__}: {first_line(error)}"
-        message = f"{what} in the MLflow store {shown_uri()} failed ({failure}); {fix}."
+        message = failure(what, error, fix)
         if reason := unavailable(error):
             raise StoreUnavailableError(message, reason) from None
         raise TrackingError(message) from None
@@ -130,9 +148,9 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
-def shown_uri() -> str:
-    """The tracking URI as messages show it: without its password."""
-    return database.shown_url(tracking_uri())
+def shown_store() -> str:
+    """The store's URI as messages and log lines name it: without its password (`secrets.redacted`)."""
+    return redacted(tracking_uri())
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -145,28 +163,36 @@ def sqlite_path(uri: str) -> Path | None:
 def artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts go to `mlartifacts/` beside the database, never into the current
     directory (MLflow's default); a server keeps its own artifact store."""
-    database = sqlite_path(uri)
-    return (database.parent / "mlartifacts").as_uri() if database else None
+    db_file = sqlite_path(uri)
+    return (db_file.parent / "mlartifacts").as_uri() if db_file else None
 
 
-def check_reachable(uri: str) -> None:
+def check_reachable(uri: str, writing: bool = True) -> None:
     """Fail within seconds, before any training, if the tracking store cannot be used.
 
     A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
     MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
-    refuses us" each get their own message.
+    refuses us" each get their own message. A SQLite file is checked for damage and for another process
+    holding it locked (`sqlite.check`; for reading only, unless `writing`).
     """
+    _check_where(uri)
+    if db_file := sqlite_path(uri):
+        sqlite.check(db_file, _SQLITE_TIMEOUT, writing)
+
+
+def _check_where(uri: str) -> None:
+    """A server answers as MLflow; a SQLite file's folder exists."""
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif (folder := sqlite_path(uri)) and not folder.parent.is_dir():
+    elif (db_file := sqlite_path(uri)) and not db_file.parent.is_dir():
         raise TrackingError(
-            f"the folder of the MLflow database {uri} does not exist; create it or fix MLFLOW_TRACKING_URI."
+            f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
     elif database.is_database(uri):  # MLflow would retry for minutes, then end in a traceback
         database.check_driver(uri, "MLFLOW_TRACKING_URI")
         if reason := database.unusable(uri):
             raise TrackingError(
-                f"the MLflow database {database.shown_url(uri)} cannot be used ({reason}); start its server, or "
+                f"the MLflow database {redacted(uri)} cannot be used ({reason}); start its server, or "
                 "fix MLFLOW_TRACKING_URI."
             )
 
@@ -174,7 +200,7 @@ def check_reachable(uri: str) -> None:
 def _unanswered(error: Exception) -> str:
     """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
     cause = error.__cause__ or error.__context__ or error
-    text = str(cause)
+    text = redacted(str(cause))
     for marker, reason in _NO_ANSWER:
         if marker in text:
             return reason
@@ -183,7 +209,6 @@ def _unanswered(error: Exception) -> str:
 
 def _probe_server(uri: str) -> None:
     """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
-    shown = database.shown_url(uri)
     mlflow_module()
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
@@ -195,7 +220,7 @@ def _probe_server(uri: str) -> None:
         )
     except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
         raise TrackingError(
-            f"the MLflow tracking server at {shown} is unreachable ({_unanswered(error)}); "
+            f"the MLflow tracking server at {redacted(uri)} is unreachable ({_unanswered(error)}); "
             "start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from None
     try:
@@ -207,33 +232,37 @@ def _probe_server(uri: str) -> None:
         return
     if response.status_code in (401, 403):
         raise TrackingError(
-            f"the server at {shown} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
+            f"the server at {redacted(uri)} refused access ({answered}); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or check MLFLOW_TRACKING_URI."
         )
     if isinstance(body, dict) and "error_code" in body:  # MLflow's own error format: it is MLflow, but failing
         message = str(body.get("message", "")).splitlines()[:1]
         raise TrackingError(
-            f"the MLflow tracking server at {shown} answered with an error ({answered}: {body['error_code']}"
+            f"the MLflow tracking server at {redacted(uri)} answered with an error ({answered}: {body['error_code']}"
             f"{': ' + message[0] if message else ''}); check the server and its log."
         )
     raise TrackingError(
-        f"the server at {shown} answered but is not an MLflow tracking server ({answered}); check MLFLOW_TRACKING_URI."
+        f"the server at {redacted(uri)} answered but is not an MLflow tracking server ({answered}); "
+        "check MLFLOW_TRACKING_URI."
     )
 
 
 def connect() -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
     uri = tracking_uri()
-    check_reachable(uri)
+    _check_where(uri)
     mlflow = mlflow_module()
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    sqlite_file = sqlite_path(uri)
+    db_file = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
-    # tables and the experiment while the other waits, instead of both racing to create them.
-    with FileLock(f"{sqlite_file}.lock") if sqlite_file else nullcontext():
+    # tables and the experiment while the other waits, instead of both racing to create them (and the
+    # waiting one would see the new file locked by the other).
+    with FileLock(f"{db_file}.lock") if db_file else nullcontext():
+        if db_file:
+            sqlite.check(db_file, _SQLITE_TIMEOUT)
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is not None:
@@ -245,9 +274,12 @@ def connect() -> str:
                     raise
                 # on a server the file lock does not apply: another process created it a moment ago
                 return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
-        except MlflowException as error:
+        except Exception as error:  # MLflow's errors, and SQLAlchemy's raised while MLflow opens the database
+            if db_file and (found := sqlite.cause(error)):
+                raise TrackingError(f"{sqlite.unusable(db_file, found)}. Nothing was changed.") from None
+            if not isinstance(error, MlflowException):
+                raise
             raise TrackingError(
-                f"the MLflow store {database.shown_url(uri)} is unusable ({first_line(error)}); "
-                "check MLFLOW_TRACKING_URI."
+                f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
             ) from None
 

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError
 from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
-from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, shown_url, storage_setting, storage_url
+from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, storage_setting, storage_url
 from pipeline.tune.study import STORE_FIX, make_objective, open_study
 
 if TYPE_CHECKING:
@@ -103,11 +103,11 @@ def main(argv: Sequence[str]) -> None:
         log.warning(
             "note: the study lives in %s on this machine; set OPTUNA_STORAGE=<the team's database URL> to "
             "share it with workers on other machines.",
-            shown_url(url),
+            tracking.redacted(url),
         )
     origin = lineage.lineage_tags(PARAMS_FILE, {s: prepared_file(s) for s in ("train", "validation")})
     tags = {key: value for key, value in origin.items() if key != "params_md5"}  # a trial is not params.yaml
-    tags["optuna.storage"] = shown_url(url)
+    tags["optuna.storage"] = tracking.redacted(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags, args.heartbeat)
     study_id = shared.storage.get_study_id_from_name(args.study)
     present = workers.Workers(shared.storage, study_id, shared.parent_run_id)

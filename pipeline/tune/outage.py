@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import database, tracking
 from pipeline.errors import StoreUnavailableError, TrackingError
-from pipeline.tune.storage import shown_url, wait_until_back
+from pipeline.tune.storage import wait_until_back
 
 if TYPE_CHECKING:
     import optuna
@@ -54,12 +54,12 @@ def _chain(error: BaseException) -> list[BaseException]:
 def outage_of(error: BaseException, url: str) -> Outage | None:
     """The outage that `error` reports, if it is one: the MLflow store (through tracking's
     StoreUnavailableError, or an HTTP error of its server) or the Optuna storage at `url`."""
-    mlflow_store = f"the MLflow store {tracking.shown_uri()}"
+    mlflow_store = f"the MLflow store {tracking.shown_store()}"
     for cause in _chain(error):
         if isinstance(cause, StoreUnavailableError):
             return Outage(mlflow_store, cause.reason)
     if lost := database.connection_lost(error):
-        return Outage(f"the Optuna storage {shown_url(url)}", database.hide_password(lost, url))
+        return Outage(f"the Optuna storage {tracking.redacted(url)}", database.hide_password(lost, url))
     if away := tracking.unavailable(error):
         return Outage(mlflow_store, away)
     return None

@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,35 @@ def parse_set(values: Sequence[str], base: Params) -> dict[str, Any]:
     return pinned
 
 
+_KEY = re.compile(r"\b(?:download|data|model|train)\.[a-z_]+\b")  # a params.yaml key named in a message
+
+
+def _applied(base: Params, overrides: dict[str, Any], where: Path, sources: dict[str, str]) -> Params:
+    """`recipe.apply`; when a rule across keys breaks and their values came from different places (the
+    space file's fixed:, --set, params.yaml), the message says where each came from and how to fix it."""
+    try:
+        return recipe.apply(base, overrides, where)
+    except ConfigError as error:
+        message = str(error).rstrip(".")
+        flat = base.flat() | overrides
+        keys = [key for key in dict.fromkeys(_KEY.findall(message)) if key in flat]
+        origin = {key: sources.get(key, "params.yaml") for key in keys}
+        if len(set(origin.values())) < 2:
+            raise
+        came = ", ".join(
+            f"{key} = {value if isinstance(value := flat[key], str) else json.dumps(value)} "
+            f"{'is ' if i == 0 else ''}from {origin[key]}"
+            for i, key in enumerate(keys)
+        )
+        if str(SET_SOURCE) in origin.values():  # the other key can be pinned too
+            other = next(key for key in keys if origin[key] != str(SET_SOURCE))
+            fix = f"pin {other} with --set as well, or change it in {origin[other]}"
+        else:  # the space file's fixed: against params.yaml
+            other = next(key for key in keys if origin[key] == "params.yaml")
+            fix = f"hold {other} in fixed: as well, or change it in params.yaml"
+        raise ConfigError(f"{message} ({came}): {fix}.") from None
+
+
 def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
     """The search space file, checked against params.yaml's schema; `pinned` (--set) overrides it."""
     document = read_yaml(file, f"; pass --space FILE, or restore {SEARCH_SPACE_FILE} with git.")
@@ -207,8 +237,9 @@ def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
             _check_key(key, base, file, name)
     if both := sorted(set(space) & set(fixed)):
         raise ConfigError(f"{file}: {both[0]} is both in space: and in fixed:; keep it in one of them.")
-    fixed_params = recipe.apply(base, fixed, file)
-    context = recipe.apply(fixed_params, pinned, SET_SOURCE)
+    sources = dict.fromkeys(fixed, f"fixed: in {file}") | dict.fromkeys(pinned, str(SET_SOURCE))
+    fixed_params = _applied(base, fixed, file, sources)
+    context = _applied(fixed_params, pinned, SET_SOURCE, sources)
     searched = {key: spec for key, spec in space.items() if key not in pinned}
     if not searched:
         raise ConfigError(f"{file}: space: names no key to search (or --set pins them all); add one.")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import database
 from pipeline.config import project_root
-from pipeline.database import shown_url
 from pipeline.errors import TrackingError
+from pipeline.tracking import redacted
 
 if TYPE_CHECKING:
     import optuna
@@ -29,7 +29,7 @@ HEARTBEAT_SECONDS = 30
 GRACE_BEATS = 4  # a trial is stale after this many heartbeats missed: 120 s with the default
 STORAGE_ATTEMPTS = 5
 
-__all__ = ["GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "shown_url", "storage_setting", "storage_url"]
+__all__ = ["GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "storage_setting", "storage_url"]
 
 
 def storage_url(option: str | None) -> str:
@@ -94,7 +94,7 @@ def open_storage(
             cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
             reason = (str(cause).strip().splitlines() or [type(error).__name__])[0]
             raise TrackingError(
-                f"the Optuna storage {shown_url(url)} cannot be opened ({database.hide_password(reason, url)}); "
+                f"the Optuna storage {redacted(url)} cannot be opened ({database.hide_password(reason, url)}); "
                 "fix --storage or OPTUNA_STORAGE."
             ) from None
 

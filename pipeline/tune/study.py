@@ -17,7 +17,7 @@ from pipeline import io, recipe, runtime, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
-from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage, shown_url
+from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage
 
 if TYPE_CHECKING:
     import optuna
@@ -167,7 +167,7 @@ def open_study(
     )
     if study.direction != StudyDirection.MAXIMIZE:
         raise ConfigError(
-            f"study {name} in {shown_url(url)} is not a maximization made by mnist-tune; use another --study."
+            f"study {name} in {tracking.redacted(url)} is not a maximization made by mnist-tune; use another --study."
         )
     if created:
         parent = _create_parent(study, experiment_id, space, base, tags)
@@ -180,7 +180,7 @@ def open_study(
         parent = found
         if not tracking.run_exists(parent):
             raise TrackingError(
-                f"the MLflow parent run {parent} of study {name} is not in the store {tracking.shown_uri()}; "
+                f"the MLflow parent run {parent} of study {name} is not in the store {tracking.shown_store()}; "
                 "point MLFLOW_TRACKING_URI at the store the study started with, or use another --study."
             )
     return Study(study, storage, parent, experiment_id)

@@ -1,0 +1,42 @@
+"""One `error:` line whatever a message holds; file names written so that any of them reads back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.errors import escaped
+
+
+def decoded(text: str) -> str:
+    """How a user reads an escaped name back in Python (documented in docs/serving.md)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def test_names_that_break_lines_or_fields_are_escaped() -> None:
+    assert escaped("digit 7 é ü 数字.png") == "digit 7 é ü 数字.png"  # printable: as it is
+    assert escaped("a\tb\nc\rd\x1be\\f\u2028g") == "a\\tb\\nc\\rd\\x1be\\\\f\\u2028g"
+    assert escaped("a\\b\nc", backslash=False) == "a\\b\\nc"
+    assert escaped(os.fsdecode(b"bad\xff.png")) == "bad\\udcff.png"  # a byte that is not UTF-8
+    assert os.fsencode(decoded("bad\\udcff.png")) == b"bad\xff.png"
+
+
+@given(st.text())
+def test_every_text_is_one_printable_field_that_decodes_back(text: str) -> None:
+    shown = escaped(text)
+    assert shown.isprintable() and "\t" not in shown and "\n" not in shown
+    assert len(shown.splitlines()) <= 1
+    assert decoded(shown) == text
+
+
+def test_an_error_about_a_name_with_a_newline_is_one_line() -> None:
+    code = "from pipeline.errors import DataError, run_stage\n" + (
+        "def fail():\n    raise DataError('a\\nb.png\\tis bad')\nrun_stage(fail)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "error: a\\nb.png\\tis bad\n"

@@ -1,0 +1,105 @@
+"""The served model (pipeline/tracking/serving.py): what it refuses and how, logged and loaded for real.
+
+The HTTP side, against a real `mlflow models serve` process, is in test_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+from workspace import REPO, offline_mnist
+
+from pipeline import tracking
+from pipeline.config import load_params
+from pipeline.tracking import serving
+
+GOOD = np.zeros((2, 784), np.float32)
+
+
+def refusal(rows: object, max_rows: int = serving.MAX_ROWS) -> str:
+    """The message of the MlflowException that `checked_rows` raises; it must be HTTP 400 in MLflow's format."""
+    with pytest.raises(MlflowException) as caught:
+        serving.checked_rows(rows, max_rows)
+    error = caught.value
+    assert error.get_http_status_code() == 400
+    body = json.loads(error.serialize_as_json())  # valid JSON, whatever the values were
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "\n" not in body["message"]
+    return str(body["message"])
+
+
+def with_value(value: float, row: int = 1, column: int = 5) -> np.ndarray:
+    rows = GOOD.astype(np.float64)
+    rows[row, column] = value
+    return rows
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e300], ids=["NaN", "Infinity", "-Infinity", "1e300"])
+def test_values_that_are_not_finite_are_refused(value: float) -> None:
+    message = refusal(with_value(value))
+    assert message.startswith("row 1, value 5 is ")
+    assert "not pixel values" in message and "784 finite pixel values in [0, 1]" in message
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0001, 255.0])
+def test_values_outside_0_1_are_refused(value: float) -> None:
+    assert "outside [0, 1]" in refusal(with_value(value))
+
+
+def test_strings_and_shapes_are_refused() -> None:
+    assert "not numbers" in refusal([["a"] * 784])
+    assert "shape (n, 784), got (1, 785)" in refusal(np.zeros((1, 785)))
+    assert "shape (n, 784), got (784,)" in refusal(np.zeros(784))
+
+
+def test_rows_above_the_limit_are_refused_before_anything_else() -> None:
+    rows = np.full((11, 784), np.nan)  # refused for its size, not for its values
+    assert refusal(rows, max_rows=10).startswith("11 rows in one request, above this model's limit of 10")
+    assert serving.checked_rows(np.zeros((10, 784)), max_rows=10).dtype == np.float32
+
+
+def test_good_rows_pass_unchanged() -> None:
+    rows = np.linspace(0, 1, 2 * 784, dtype=np.float32).reshape(2, 784)
+    assert serving.checked_rows(rows, serving.MAX_ROWS) is rows  # float32 already: no copy
+    np.testing.assert_array_equal(serving.checked_rows(rows.tolist(), serving.MAX_ROWS), rows)
+    assert serving.checked_rows(np.full((1, 784), -0.0), serving.MAX_ROWS).shape == (1, 784)
+
+
+@pytest.mark.e2e  # logs and loads a model through MLflow: seconds, for the full run
+def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: str) -> None:
+    import mlflow
+
+    from pipeline import model, runtime
+
+    runtime.import_tensorflow()
+    defaults = load_params(REPO / "params.yaml")
+    network = model.build_model(defaults.model.model_copy(update={"hidden_units": [16]}))
+    images, _ = offline_mnist("t10k")
+    x = images[:5].reshape(5, -1).astype(np.float32) / 255
+    with tracking.run() as run_id:
+        version = tracking.log_model(network, x)
+    served = tracking.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}")
+    probabilities = np.asarray(served.predict(x))
+    assert probabilities.shape == (5, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, model.probabilities(network, x), atol=1e-5)
+    assert served.model_config == {"max_rows": serving.MAX_ROWS}
+    # the limit a server starts with (`SERVING_MODEL_CONFIG` passes it there): MLflow's own override
+    lowered = mlflow.pyfunc.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}", model_config={"max_rows": 4})
+    with pytest.raises(MlflowException, match="5 rows in one request, above this model's limit of 4"):
+        lowered.predict(x)
+    with pytest.raises(MlflowException, match="is nan"):
+        served.predict(with_value(np.nan).astype(np.float32))
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    try:
+        files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
+        assert "serving.py" in files and f"artifacts/{serving.NETWORK}.keras" in files
+        assert not [name for name in files if name.endswith((".pkl", ".pickle"))], files  # no pickle anywhere
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
