@@ -3,7 +3,7 @@
 Two forms of the same network (params.yaml's architecture; the weights do not change the cost) are
 logged into a scratch MLflow store and served side by side on 127.0.0.1:
   checked    as the pipeline logs it (pipeline/tracking/serving.py: every row checked, at most
-             `max_rows` rows per request), and
+             `MAX_ROWS` rows per request), and
   unchecked  MLflow's TensorFlow flavour without checks (how the model was served before).
 For each pair, in alternating order, each form gets `--clients` concurrent clients (threads, one HTTP
 session each) posting the same request of N MNIST test digits for `--seconds`, for each N of `--rows`.

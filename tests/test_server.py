@@ -246,7 +246,7 @@ def test_a_server_can_start_with_another_row_limit(
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
-    settings = {"MLFLOW_TRACKING_URI": server[0], "SERVING_MODEL_CONFIG": '{"max_rows": 2}'}
+    settings = {"MLFLOW_TRACKING_URI": server[0], "PIPELINE_SERVING_MAX_ROWS": "2"}
     address = ["-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
     process = Process([*command, *address], tmp_path / "serve.log", env | settings)
     try:

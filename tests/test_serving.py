@@ -63,6 +63,16 @@ def test_rows_above_the_limit_are_refused_before_anything_else() -> None:
     assert serving.checked_rows(np.zeros((10, 784)), max_rows=10).dtype == np.float32
 
 
+def test_a_server_can_start_with_another_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert serving.max_rows() == serving.MAX_ROWS
+    monkeypatch.setenv(serving.MAX_ROWS_VARIABLE, "5000")
+    assert serving.max_rows() == 5000
+    for wrong in ("0", "-3", "many", "1e3"):
+        monkeypatch.setenv(serving.MAX_ROWS_VARIABLE, wrong)
+        with pytest.raises(MlflowException, match=f"MAX_ROWS must be a whole number of rows above 0, got '{wrong}'"):
+            serving.max_rows()
+
+
 def test_good_rows_pass_unchanged() -> None:
     rows = np.linspace(0, 1, 2 * 784, dtype=np.float32).reshape(2, 784)
     assert serving.checked_rows(rows, serving.MAX_ROWS) is rows  # float32 already: no copy
@@ -88,11 +98,7 @@ def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: s
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probabilities, model.probabilities(network, x), atol=1e-5)
-    assert served.model_config == {"max_rows": serving.MAX_ROWS}
-    # the limit a server starts with (`SERVING_MODEL_CONFIG` passes it there): MLflow's own override
-    lowered = mlflow.pyfunc.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}", model_config={"max_rows": 4})
-    with pytest.raises(MlflowException, match="5 rows in one request, above this model's limit of 4"):
-        lowered.predict(x)
+    assert "max_rows" not in mlflow.MlflowClient().get_run(run_id).data.params  # the run holds params.yaml's
     with pytest.raises(MlflowException, match="is nan"):
         served.predict(with_value(np.nan).astype(np.float32))
 

@@ -121,7 +121,6 @@ def log_model(model: Any, example: Any) -> str:
                 name="model",
                 python_model=Path(serving.__file__),
                 artifacts={serving.NETWORK: str(network)},
-                model_config={"max_rows": serving.MAX_ROWS},
                 signature=signature,
                 input_example=example,
                 registered_model_name=REGISTERED_MODEL,

@@ -6,14 +6,15 @@ file, and runs it wherever the model is loaded: `mlflow models serve`, `mlflow.p
 
 MLflow's scoring server checks a request against the signature (float32 rows of 784 values) but not
 the values: NaN, infinity, `"NaN"` and 1e300 (infinity in float32) would each get ten NaN
-"probabilities" with HTTP 200. `predict` refuses such rows, and requests above `max_rows` rows, before
+"probabilities" with HTTP 200. `predict` refuses such rows, and requests above `MAX_ROWS` rows, before
 the network runs, with an MlflowException, which the server answers in MLflow's error format as HTTP 400.
-`max_rows` is part of the logged model config; a server can lower or raise it when it starts:
-`SERVING_MODEL_CONFIG='{"max_rows": 5000}' mlflow models serve ...`.
+A server can start with another limit: `PIPELINE_SERVING_MAX_ROWS=5000 mlflow models serve ...` (not
+MLflow's model config, which MLflow would also log as parameters of the training's run).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 PIXELS = 784  # 28x28, flattened
-MAX_ROWS = 1000  # per request, unless the model config says otherwise
+MAX_ROWS = 1000  # per request, unless MAX_ROWS_VARIABLE says otherwise
+MAX_ROWS_VARIABLE = "PIPELINE_SERVING_MAX_ROWS"
 NETWORK = "network"  # the artifact: the network with its softmax head, a .keras file
 EXPECTED = f"each row must be {PIXELS} finite pixel values in [0, 1] (a 28x28 digit's grey levels / 255)"
 
@@ -62,6 +64,16 @@ def checked_rows(model_input: Any, max_rows: int) -> np.ndarray:
     return x
 
 
+def max_rows() -> int:
+    """The row limit of this server: `PIPELINE_SERVING_MAX_ROWS` if set, else `MAX_ROWS`."""
+    text = os.environ.get(MAX_ROWS_VARIABLE, "").strip()
+    if not text:
+        return MAX_ROWS
+    if not text.isdigit() or int(text) < 1:
+        raise MlflowException(f"{MAX_ROWS_VARIABLE} must be a whole number of rows above 0, got {text!r}.")
+    return int(text)
+
+
 class DigitClassifier(PythonModel):
     """Rows of 784 pixels in [0, 1] -> ten class probabilities per row."""
 
@@ -70,7 +82,7 @@ class DigitClassifier(PythonModel):
 
         # Keras' safe mode: a stored lambda (code) in the file is refused, never executed
         self.network = keras.saving.load_model(context.artifacts[NETWORK], compile=False, safe_mode=True)
-        self.max_rows = int((context.model_config or {}).get("max_rows", MAX_ROWS))
+        self.max_rows = max_rows()
 
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
