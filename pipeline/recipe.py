@@ -17,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import ArgumentParser
 from pipeline.config import PARAMS_FILE, Params, load_params, read_yaml, validate_params
 from pipeline.errors import ConfigError, PipelineError, run_stage
 
@@ -59,8 +60,14 @@ def exp_run_command(overrides: dict[str, Any], name: str | None = None) -> list[
 
 def main(argv: Sequence[str]) -> None:
     """Validate the recipe, print the command, run it."""
-    if not argv or argv[0].startswith("-"):
-        raise ConfigError("usage: mnist-recipe RECIPE.yaml [dvc exp run options], e.g. mnist-recipe recipes/tuned.yaml")
+    parser = ArgumentParser(
+        prog="mnist-recipe",
+        usage="mnist-recipe RECIPE.yaml [dvc exp run options], e.g. mnist-recipe recipes/tuned.yaml",
+        description="Train a recipe (a partial params.yaml) as a DVC experiment.",
+    )
+    parser.add_argument("recipe", type=Path, help="a partial params.yaml, e.g. recipes/tuned.yaml")
+    if not argv or argv[0].startswith("-"):  # what follows the recipe belongs to `dvc exp run`
+        parser.parse_args(argv[:1] if argv and argv[0] in ("-h", "--help") else [])
     file, options = Path(argv[0]), list(argv[1:])
     if not PARAMS_FILE.is_file():
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-recipe from the repository root.")

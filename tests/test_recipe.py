@@ -87,3 +87,12 @@ def test_recipe_runs_as_a_named_dvc_experiment_and_mlflow_run(tmp_path: Path) ->
     assert [(r.info.run_name, r.data.params["train.optimizer"], r.info.status) for r in runs] == [
         ("quick", "adamw", "FINISHED")
     ]
+
+
+def test_a_missing_recipe_is_one_usage_line() -> None:
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^the following arguments are required: recipe; usage: mnist-recipe RECIPE"):
+        recipe.main([])
+    with pytest.raises(UsageError, match=r"usage: mnist-recipe RECIPE\.yaml"):
+        recipe.main(["--temp"])
