@@ -102,6 +102,7 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     assert client.get_model_version_by_alias("mnist-bn-mlp", "champion").version == versions[0].version
     # the registered model serves probabilities with the logged signature
     mlflow.set_tracking_uri(f"sqlite:///{store}")
+    mlflow.set_registry_uri(f"sqlite:///{store}")  # both: an earlier test in this process may have set another
     served = mlflow.pyfunc.load_model(f"models:/mnist-bn-mlp/{versions[0].version}")
     assert served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
 
