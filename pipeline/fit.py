@@ -141,8 +141,11 @@ class Trainer:
         self.x, self.y = as_tensor(train.x), as_tensor(train.y)
         self.x_val, self.y_val = as_tensor(validation.x), as_tensor(validation.y)
         self.rng = np.random.default_rng(params.seed)
-        permutation = tf.TensorSpec((self.n,), tf.int32)
-        self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=[permutation])
+        # The data are arguments, not captures: TensorFlow keeps every traced epoch graph for good (the
+        # optimizer's all-reduce registers a custom gradient that is never dropped), with what it captures.
+        data = [tf.TensorSpec.from_tensor(self.x), tf.TensorSpec.from_tensor(self.y)]
+        signature = [tf.TensorSpec((self.n,), tf.int32), *data]
+        self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=signature)
         self._validate = tf.function(self._validate_body, jit_compile=False, input_signature=[])
         self._epoch.get_concrete_function()  # trace only; XLA compiles on the first call
         self._validate.get_concrete_function()
@@ -155,10 +158,10 @@ class Trainer:
         shifts = tf.random.stateless_uniform((tf.shape(xb)[0], 2), seed, -limit, limit + 1, dtype=tf.int32)
         return shift_images(xb, shifts)
 
-    def _step(self, idx: Any) -> tuple[Any, Any]:
+    def _step(self, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
         import tensorflow as tf
 
-        xb, yb = tf.gather(self.x, idx), tf.gather(self.y, idx)
+        xb, yb = tf.gather(x, idx), tf.gather(y, idx)
         if self.params.shift_pixels:
             xb = self._augment(xb)
         with tf.GradientTape() as tape:
@@ -169,7 +172,7 @@ class Trainer:
         rows = tf.cast(tf.shape(idx)[0], tf.float32)
         return loss * rows, _correct(logits, yb)
 
-    def _epoch_body(self, permutation: Any) -> tuple[Any, Any]:
+    def _epoch_body(self, permutation: Any, x: Any, y: Any) -> tuple[Any, Any]:
         import tensorflow as tf
 
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
@@ -178,7 +181,7 @@ class Trainer:
             batches = tf.reshape(permutation[start : start + count * size], (count, size))
             start += count * size
             for i in tf.range(count):
-                batch_loss, batch_correct = self._step(batches[i])
+                batch_loss, batch_correct = self._step(x, y, batches[i])
                 loss_sum += batch_loss
                 correct += batch_correct
         return loss_sum / self.n, correct / self.n
@@ -194,22 +197,20 @@ class Trainer:
     def run_epoch(self, epoch: int) -> EpochResult:
         """One pass over a fresh permutation of the training set, then validation."""
         permutation = self.rng.permutation(self.n).astype(np.int32)
-        train_loss, train_accuracy = self._epoch(permutation)
+        train_loss, train_accuracy = self._epoch(permutation, self.x, self.y)
         val_loss, val_accuracy = self._validate()
         return EpochResult(epoch, float(train_loss), float(train_accuracy), float(val_loss), float(val_accuracy))
 
 
 def as_tensor(array: np.ndarray) -> Any:
     """A constant tensor of `array`, sharing its memory when it is aligned as TensorFlow requires (as
-    `io.load_split` makes it) instead of copying it: the training images alone are 172 MB. The array
-    is made read-only, since the tensor sees every change to it."""
+    `io.load_split` makes it) instead of copying it: the training images alone are 172 MB, and a search
+    worker trains on them once per trial. Nothing writes a split after loading it."""
     import tensorflow as tf
 
-    # numpy exports only writable arrays; one already shared (a second `fit` on the same data) is copied
+    # numpy exports only writable arrays through DLPack; others are copied
     if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0 and array.size:
-        tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-        array.flags.writeable = False
-        return tensor
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.constant(array)
 
 
