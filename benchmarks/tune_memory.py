@@ -34,7 +34,7 @@ TINY = ["--set", "model.hidden_units=[32]", "--set", "train.epochs=1", "--set", 
 TRIAL_LINE = re.compile(r"trial (\d+): ")
 
 
-def prepared_copy(destination: Path, rev: str | None) -> Path:
+def prepared_copy(destination: Path, rev: str | None, env: dict[str, str]) -> Path:
     """This tree's tracked files (or git revision `rev`'s) as a fresh repository with its data prepared."""
     if rev is None:
         clone(destination)
@@ -45,7 +45,7 @@ def prepared_copy(destination: Path, rev: str | None) -> Path:
         identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
         for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", rev]):
             subprocess.run(command, cwd=destination, check=True, capture_output=True)
-    subprocess.run(["dvc", "repro", "prepare"], cwd=destination, check=True, capture_output=True)
+    subprocess.run(["dvc", "repro", "prepare"], cwd=destination, env=env, check=True, capture_output=True)
     return destination
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for label, rev in (("this tree", None), *([(args.baseline, args.baseline)] if args.baseline else [])):
-            repo = prepared_copy(Path(folder) / label.replace(" ", "-"), rev)
+            repo = prepared_copy(Path(folder) / label.replace(" ", "-"), rev, env)
             results[label] = worker_memory(repo, args.trials, env, label)
     labels = list(results)
     print(f"{'trial':>5} " + " ".join(f"{label + ' MiB':>16}" for label in labels))
