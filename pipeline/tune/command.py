@@ -33,6 +33,9 @@ log = logging.getLogger("pipeline.tune")
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Trial-level failures: recorded as FAIL, the study goes on. Anything else (the store failing) stops it.
+INTERRUPTED = (
+    "the trial this worker was training is failed and its MLflow run closed; run mnist-tune again to resume the study"
+)
 TRIAL_ERRORS: tuple[type[Exception], ...] = (DivergedError, ConfigError, ResourceError, DataError)
 
 
@@ -139,4 +142,4 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """The console script."""
-    run_stage(lambda: main(sys.argv[1:]))
+    run_stage(lambda: main(sys.argv[1:]), interrupted=INTERRUPTED)
