@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import sys
 import warnings
@@ -20,7 +19,7 @@ from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError
 from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
-from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, storage_setting, storage_url
+from pipeline.tune.storage import DEFAULT_SETTING, GRACE_BEATS, HEARTBEAT_SECONDS, storage_url
 from pipeline.tune.study import STORE_FIX, make_objective, open_study
 
 if TYPE_CHECKING:
@@ -89,8 +88,8 @@ def main(argv: Sequence[str]) -> None:
     """Check everything, then run this worker's trials and print the study's best."""
     args = parse_args(argv)
     quiet.configure_logging()
-    url = storage_url(args.storage)
-    database.check_driver(url, storage_setting(args.storage))
+    url, setting = storage_url(args.storage)
+    database.check_driver(url, setting)
     if not PARAMS_FILE.is_file():
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
     base = load_params()
@@ -102,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
     with tracking.store_errors("ending the runs of killed processes", STORE_FIX):
         tracking.end_orphaned_runs(experiment_id)
     uri = tracking.tracking_uri()
-    if not args.storage and not os.environ.get("OPTUNA_STORAGE") and uri.startswith(("http://", "https://")):
+    if setting == DEFAULT_SETTING and uri.startswith(("http://", "https://")):
         log.warning(
             "note: the study lives in %s on this machine; set OPTUNA_STORAGE=<the team's database URL> to "
             "share it with workers on other machines.",

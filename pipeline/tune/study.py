@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import sys
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pipeline import io, recipe, runtime, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
-from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage
+from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage, poll
 
 if TYPE_CHECKING:
     import optuna
@@ -83,15 +82,6 @@ class Study:
     parent_run_id: str
     experiment_id: str
     runs: dict[int, str] = field(default_factory=dict)
-
-
-def _wait_for_parent(study: optuna.Study) -> str | None:
-    deadline = time.monotonic() + PARENT_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if parent := study.user_attrs.get(PARENT_ATTR):
-            return str(parent)
-        time.sleep(0.5)
-    return None
 
 
 def _create_parent(
@@ -173,7 +163,7 @@ def open_study(
         parent = _create_parent(study, experiment_id, space, base, tags)
     else:
         _check_definition(study, space)
-        found = _wait_for_parent(study)
+        found = poll(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_SECONDS, 0.5)
         if found is None:  # its creator stopped between creating the study and its run
             log.warning("note: study %s had no MLflow parent run; this worker creates it.", name)
             found = _create_parent(study, experiment_id, space, base, tags)
@@ -280,4 +270,3 @@ def make_objective(
                     tracking.end_run(run_id, status, closing)
 
     return objective
-
