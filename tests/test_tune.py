@@ -260,6 +260,24 @@ def test_a_resumed_study_may_change_ranges_but_not_choices(tmp_path: Path, caplo
         _check_definition(study, read_space(space_file(tmp_path, document), BASE, {}))
 
 
+def test_a_study_whose_parent_run_was_refused_is_not_left_waiting(store: str, tmp_path: Path) -> None:
+    """The first worker cannot create the study's MLflow parent run (here: a real store refusing an
+    experiment it does not hold; a user who may only read gets a 403 at the same step): the study goes
+    with it, so the next worker creates both at once instead of waiting for a parent run."""
+    from pipeline import tracking
+    from pipeline.errors import TrackingError
+    from pipeline.tune.study import PARENT_WAIT_SECONDS, open_study
+
+    space, url = read_space(REPO / SEARCH_SPACE_FILE, BASE, {}), f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(TrackingError):
+        open_study("refused", url, space, BASE, 0, "999999", {})
+    assert "refused" not in [s.study_name for s in optuna.study.get_all_study_summaries(storage=url)]
+    started = time.monotonic()
+    shared = open_study("refused", url, space, BASE, 0, tracking.connect(), {})
+    assert time.monotonic() - started < PARENT_WAIT_SECONDS / 4
+    assert tracking.run_status(shared.parent_run_id) == "RUNNING"
+
+
 def test_differences_are_what_params_yaml_lacks() -> None:
     flat = BASE.flat() | {"train.learning_rate": 0.003, "model.hidden_units": [64, 32]}
     assert differences(BASE, flat) == {"model.hidden_units": [64, 32], "train.learning_rate": 0.003}

@@ -160,7 +160,12 @@ def open_study(
             f"study {name} in {tracking.redacted(url)} is not a maximization made by mnist-tune; use another --study."
         )
     if created:
-        parent = _create_parent(study, experiment_id, space, base, tags)
+        try:
+            parent = _create_parent(study, experiment_id, space, base, tags)
+        except BaseException:  # refused (a user who may only read): no study left waiting for a parent run
+            with contextlib.suppress(Exception):
+                storage.delete_study(storage.get_study_id_from_name(name))
+            raise
     else:
         _check_definition(study, space)
         found = poll(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_SECONDS, 0.5)
