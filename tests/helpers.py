@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,3 +27,10 @@ def wait_for(
         assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
         time.sleep(every)
     return result
+
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped: nothing has it now (pids are not reused at once)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
