@@ -29,7 +29,7 @@ import yaml
 from helpers import wait_for
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
-from workspace import QUICK, REPO, clone, free_port, set_params, sh, venv_env
+from workspace import QUICK, REPO, free_port, reproduced, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +44,7 @@ MB = 1_000_000
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clone after a complete quick `dvc repro`, so there are outputs to protect."""
-    root = clone(tmp_path_factory.mktemp("faults") / "repo", **QUICK)
-    sh("dvc", "repro", cwd=root, env=ENV)
+    root = reproduced(tmp_path_factory.mktemp("faults") / "repo", env=ENV, **QUICK)
     assert {"data/prepared/train.npz", "models/model.keras", "metrics/test.json"} < set(declared_outputs(root))
     return root
 
