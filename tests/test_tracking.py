@@ -169,6 +169,24 @@ def test_finished_run_lands_in_the_experiment(store: str) -> None:
     assert mlflow.get_experiment(run.info.experiment_id).name == tracking.EXPERIMENT
 
 
+def test_experiment_says_its_kind_and_holds_the_accuracy_view_also_when_it_existed(store: str) -> None:
+    view_tag = f"mlflow.sharedViewState.{tracking.store.VIEW}"
+    experiment_id = tracking.connect()  # a new store: created with its tags
+    client = mlflow.MlflowClient()  # after `connect`, which points MLflow at this test's store
+    tags = client.get_experiment(experiment_id).tags
+    assert tags[tracking.store.KIND_TAG] == "custom_model_development"  # the MLflow UI's "Machine learning"
+    view = json.loads(tags[view_tag])  # the envelope of the UI's saved views: name, createdAt, state
+    assert view["name"] == tracking.store.VIEW and isinstance(view["createdAt"], int)
+    columns = ["metrics.`val_accuracy`", "metrics.`test_accuracy`"]
+    assert json.loads(view["state"])["selectedColumns"] == columns
+    for key in (tracking.store.KIND_TAG, view_tag):  # a store from before the tags: they are added
+        client.delete_experiment_tag(experiment_id, key)
+    client.set_experiment_tag(experiment_id, view_tag, "a user's own view")  # ...but a user's change stays
+    assert tracking.connect() == experiment_id
+    tags = client.get_experiment(experiment_id).tags
+    assert tags[tracking.store.KIND_TAG] == "custom_model_development" and tags[view_tag] == "a user's own view"
+
+
 @pytest.mark.parametrize(
     ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (Terminated(), "KILLED")]
 )
