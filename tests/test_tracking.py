@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from browser import readme_ui
 from workspace import REPO, free_port
 
 from pipeline import tracking
@@ -185,6 +186,12 @@ def test_experiment_says_its_kind_and_holds_the_accuracy_view_also_when_it_exist
     assert tracking.connect() == experiment_id
     tags = client.get_experiment(experiment_id).tags
     assert tags[tracking.store.KIND_TAG] == "custom_model_development" and tags[view_tag] == "a user's own view"
+
+
+def test_readme_opens_the_view_the_experiment_holds_with_the_quick_command() -> None:
+    command, link = readme_ui(REPO / "README.md")
+    assert f"viewStateShareKey={tracking.store.VIEW}" in link and "workflowType=machine_learning" in link
+    assert "--workers 1" in command and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in command  # docs/performance.md
 
 
 @pytest.mark.parametrize(
