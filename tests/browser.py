@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
+from helpers import wait_for
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -166,18 +167,18 @@ def readme_mlflow_ui(workspace: Path, env: dict[str, str], port: int) -> Iterato
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"{base}/health", timeout=30).status_code == 200
+        except requests.RequestException:
+            return False
+
     try:
-        for _ in range(3000):  # up to 10 minutes on a machine busy with other tests
-            assert server.poll() is None, "the README's `mlflow ui` command ended"
-            try:
-                if requests.get(f"{base}/health", timeout=30).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        wait_for(answers, "the README's `mlflow ui` answering", 600, process=server, every=0.2)  # a busy machine
         yield base, link.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
     finally:
-        os.killpg(server.pid, 15)
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
 
