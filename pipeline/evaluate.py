@@ -111,9 +111,9 @@ def evaluate() -> dict[str, float]:
             out.write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
         out.write_json(TEST_METRICS, {**scalars, "mlflow_run_id": run_id})
         tags = lineage.data_tags({"test": test_file})
-        tracking.log_datasets({"test": test}, "evaluation", {"test": tags["data_md5.test"]})
+        datasets = tracking.log_datasets({"test": test}, "evaluation", {"test": tags["data_md5.test"]})
         texts = {"evaluation/classification_report.txt": result["report_text"]}
-        tracking.log_evaluation(scalars, tags, texts, result["report"])
+        tracking.log_evaluation(scalars, tags, texts, result["report"], datasets["test"])
         tracking.log_files({CONFUSION_PNG: files[CONFUSION_PNG], MISTAKES_PNG: files[MISTAKES_PNG]})
         tracking.record_test_accuracy(run_id, scalars["accuracy"])
     return scalars

@@ -97,7 +97,7 @@ def train(params: Params) -> Fitted:
             stack.enter_context(tracking.system_metrics(run_id))
             out = stack.enter_context(io.staged_outputs())
             tracking.log_params(params.flat())
-            tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
+            datasets = tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
         with (
             tracking.live_history(run_id) as send,
             progress(params.train.epochs) as report,
@@ -127,7 +127,8 @@ def train(params: Params) -> Fitted:
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
             tracking.log_training(fitted.train_seconds, files)
         with timing.phase("MLflow: log and register the model"):
-            version = tracking.log_model(fitted.model, validation.x[:5])
+            changed = lineage.changed_params(params.flat(), PARAMS_FILE)
+            version = tracking.log_model(fitted.model, validation.x[:5], datasets["validation"], changed)
             champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
     log.info(
         "registered as version %s of %s%s",

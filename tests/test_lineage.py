@@ -71,10 +71,11 @@ def test_changed_code_marks_the_commit_dirty(repo: Path) -> None:
     assert name(repo) == f"{short_commit(repo)}-dirty train.epochs=50"
 
 
-def test_a_dvc_experiment_keeps_its_name(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dvc_experiment_is_named_with_what_it_changed(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "lr-005")
-    set_params(repo, train__learning_rate=0.05)
     assert name(repo) == "lr-005"
+    set_params(repo, train__learning_rate=0.05)
+    assert name(repo) == "lr-005 train.learning_rate=0.05"
 
 
 def test_a_key_the_commit_lacks_is_named(repo: Path) -> None:

@@ -95,39 +95,89 @@ def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
         MlflowClient().set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
 
 
-def log_model(model: Any, example: Any) -> str:
+def logged_model_id(run_id: str) -> str | None:
+    """The id of the model (MLflow's LoggedModel) the run logged last, if it logged one."""
+    from mlflow import MlflowClient
+
+    outputs = MlflowClient().get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    return str(models[-1].model_id) if models else None
+
+
+def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any) -> None:
+    """Link the run's last value of each metric to its model, with the dataset (an MLflow Dataset) it
+    was measured on. Same timestamp and step as the run's own point: the run's history gains none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key in keys:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        mlflow_module().log_metric(
+            key, last.value, step=last.step, timestamp=last.timestamp, model_id=model_id, dataset=dataset
+        )
+
+
+def _provenance(run_id: str, changed: list[str], val_accuracy: float) -> str:
+    """The registered version's description: the run, commit and params that made it, what chose it."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    tags = run.data.tags
+    dirty = " (with uncommitted changes)" if tags.get("git_dirty") == "true" else ""
+    commit = tags.get("git_commit", "no git commit") + dirty
+    experiment = f", DVC experiment {tags['dvc_experiment']}" if "dvc_experiment" in tags else ""
+    params = ", ".join(changed) or "none (params.yaml as committed)"
+    return (
+        f"Trained by MLflow run {run.info.run_name} ({run_id}) at git commit {commit}{experiment}. "
+        f"Params changed from that commit: {params}. Validation accuracy {val_accuracy:.4f}: the figure the "
+        f"@{CHAMPION} alias is chosen by."
+    )
+
+
+def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> str:
     """Log the model into the active run as MLflow will serve it, and register it as a new version of
     `mnist-bn-mlp`; return the version. The served form (`serving.py`, logged as code: no pickle) is the
     network with a softmax head (ten class probabilities), which refuses rows that are not 784 pixel
-    values in [0, 1] and requests above `serving.MAX_ROWS` rows; with a signature and an input example."""
+    values in [0, 1] and requests above `serving.MAX_ROWS` rows; with a named signature, an input
+    example and a description. The model holds the run's validation figures, measured on `validation`
+    (an MLflow Dataset); the version says which run, commit and `changed` params made it."""
     import keras
     import tensorflow as tf
-    from mlflow.models import infer_signature
+    from mlflow import MlflowClient
 
     from pipeline.model import save, with_softmax
     from pipeline.quiet import filtered_stderr
     from pipeline.tracking import serving
 
     mlflow = mlflow_module()
-    served = with_softmax(model)
-    signature = infer_signature(example, served(example).numpy())
+    run_id = mlflow.active_run().info.run_id
     with tempfile.TemporaryDirectory() as folder:
         network = Path(folder) / f"{serving.NETWORK}.keras"
-        save(served, network)
+        save(with_softmax(model), network)
         # MLflow checks the input example by loading the model and predicting it: TensorFlow's C++ log
         # lines of that check are noise, and so is the registry's chatter.
         with contextlib.redirect_stdout(StringIO()), filtered_stderr():
             info = mlflow.pyfunc.log_model(
-                name="model",
+                name=REGISTERED_MODEL,
                 python_model=Path(serving.__file__),
                 artifacts={serving.NETWORK: str(network)},
-                signature=signature,
+                signature=serving.signature(),
                 input_example=example,
                 registered_model_name=REGISTERED_MODEL,
                 # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
                 pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+                # MLflow links to the model every metric the run holds at the model's step: at its default,
+                # 0, the system metrics' first sample and `train_seconds`. No metric is at step -1 (epochs
+                # count from 1): the model holds only the figures linked here and by `evaluate`.
+                step=-1,
             )
-    return str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.DESCRIPTION})
+    link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
+    val_accuracy = client.get_run(run_id).data.metrics["val_accuracy"]
+    version = str(info.registered_model_version)
+    client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed, val_accuracy))
+    return version
 
 
 def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
