@@ -138,7 +138,7 @@ def resume(run_id: str) -> AbstractContextManager[str]:
     connect()
     if not run_exists(run_id):
         raise TrackingError(
-            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {shown_store()}; "
+            f"MLflow run {run_id} (named in runs/train.json) is not in the store {shown_store()}; "
             "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
         )
     return run(run_id=run_id)
