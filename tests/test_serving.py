@@ -102,7 +102,9 @@ def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: s
         while "system/cpu_utilization_percentage" not in client.get_run(run_id).data.metrics:
             time.sleep(0.1)
         version = tracking.log_model(network, x, datasets["validation"], ["train.learning_rate=0.02"])
-    served = tracking.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}")
+        assert tracking.promote_if_better(run_id, 0.5)
+    served, name = tracking.load_model(f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}")
+    assert name == f"{tracking.REGISTERED_MODEL} version {version} (@{tracking.CHAMPION})"
     probabilities = np.asarray(served.predict(x))
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

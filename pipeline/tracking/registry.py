@@ -4,6 +4,7 @@ loading a registered model for `mnist-predict`."""
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from collections.abc import Callable
 from io import StringIO
@@ -180,9 +181,10 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     return version
 
 
-def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
+def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tuple[Any, str]:
     """Any MLflow model URI (`models:/mnist-bn-mlp@champion`, `runs:/...`) as a pyfunc model, resolved
-    against the pipeline's store; every way it cannot be loaded from here is one TrackingError.
+    against the pipeline's store, and what it is (`mnist-bn-mlp version 3 (@champion)`); every way it
+    cannot be loaded from here is one TrackingError. An alias is resolved once, and that version loaded.
     `before_load` runs once the store is known to be usable (the caller's slow TensorFlow start-up)."""
     from pipeline.tracking.store import check_reachable
 
@@ -197,9 +199,16 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
     mlflow = mlflow_module()
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
-    before_load()
+    shown = redacted(uri)
     try:
-        return mlflow.pyfunc.load_model(uri)
+        if alias := re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", uri):
+            version = mlflow.MlflowClient().get_model_version_by_alias(alias["name"], alias["alias"]).version
+            uri, shown = f"models:/{alias['name']}/{version}", f"{alias['name']} version {version} (@{alias['alias']})"
+        elif numbered := re.fullmatch(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)", uri):
+            shown = f"{numbered['name']} version {numbered['version']}"
+        before_load()
+        # No warnings to show (the command silences MLflow's), so no check of the installed packages either.
+        return mlflow.pyfunc.load_model(uri, suppress_warnings=True), shown
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
         raise TrackingError(
             f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "
