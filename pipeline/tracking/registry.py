@@ -146,8 +146,8 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     import tensorflow as tf
     from mlflow import MlflowClient
 
+    from pipeline import quiet
     from pipeline.model import save, with_softmax
-    from pipeline.quiet import filtered_stderr
     from pipeline.tracking import serving
 
     mlflow = mlflow_module()
@@ -157,10 +157,11 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
         save(with_softmax(model), network)
         # MLflow checks the input example by loading the model and predicting it: TensorFlow's C++ log
         # lines of that check are noise, and so is the registry's chatter.
-        with contextlib.redirect_stdout(StringIO()), filtered_stderr():
+        with contextlib.redirect_stdout(StringIO()), quiet.filtered_stderr():
             info = mlflow.pyfunc.log_model(
                 name=REGISTERED_MODEL,
                 python_model=Path(serving.__file__),
+                code_paths=[str(Path(quiet.__file__))],  # serving.py quiets TensorFlow with it
                 artifacts={serving.NETWORK: str(network)},
                 signature=serving.signature(),
                 input_example=example,

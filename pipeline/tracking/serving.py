@@ -2,7 +2,8 @@
 
 MLflow logs this file as the model's code ("models from code": no pickle) beside the network's `.keras`
 file, and runs it wherever the model is loaded: `mlflow models serve`, `mlflow.pyfunc.load_model`,
-`mnist-predict`. So it is self-contained: numpy, Keras and MLflow only, nothing of the `pipeline` package.
+`mnist-predict`. So it is self-contained: numpy, Keras and MLflow, and pipeline/quiet.py (standard library
+only) logged beside it, nothing else of the `pipeline` package.
 
 MLflow's scoring server checks a request against the signature (float32 rows of 784 values) but not
 the values: NaN, infinity, `"NaN"` and 1e300 (infinity in float32) would each get ten NaN
@@ -93,10 +94,14 @@ class DigitClassifier(PythonModel):
     """Rows of 784 pixels in [0, 1] -> ten class probabilities per row."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import keras
+        # pipeline/quiet.py, logged beside this file (`code_paths`): TensorFlow's start-up noise filtered
+        import quiet
 
-        # Keras' safe mode: a stored lambda (code) in the file is refused, never executed
-        self.network = keras.saving.load_model(context.artifacts[NETWORK], compile=False, safe_mode=True)
+        with quiet.tensorflow_start():
+            import keras
+
+            # Keras' safe mode: a stored lambda (code) in the file is refused, never executed
+            self.network = keras.saving.load_model(context.artifacts[NETWORK], compile=False, safe_mode=True)
         self.max_rows = max_rows()
 
     def predict(
