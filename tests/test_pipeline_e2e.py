@@ -49,12 +49,11 @@ def test_outputs_and_metrics(workspace: Path) -> None:
     assert (workspace / "models/model.keras").is_file()
     train = read_json(workspace / "metrics/train.json")
     test = read_json(workspace / "metrics/test.json")
-    assert train["epochs"] == EPOCHS
+    # the results people compare, nothing else (the run holds the rest)
+    assert sorted(train) == ["val_accuracy", "val_loss"] and sorted(test) == ["accuracy", "log_loss"]
     assert train["val_accuracy"] > 0.85  # 3 epochs of a small net; chance is 0.1
-    assert train["train_seconds"] > 0
     assert test["accuracy"] > 0.85
-    assert {"macro_f1", "log_loss", "weighted_f1"} <= test.keys()
-    assert train["mlflow_run_id"] == test["mlflow_run_id"]
+    assert len(read_json(workspace / "runs/train.json")["mlflow_run_id"]) == 32
     history = (workspace / "plots/history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy"
     assert len(history) == EPOCHS + 1
@@ -75,7 +74,7 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     store = workspace / "mlflow.db"
     assert store.is_file(), "the default store must be mlflow.db at the repository root"
     client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
-    run_id = read_json(workspace / "metrics/train.json")["mlflow_run_id"]
+    run_id = read_json(workspace / "runs/train.json")["mlflow_run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "mnist-batchnorm"
@@ -86,7 +85,7 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
         assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, EPOCHS + 1))
     test = read_json(workspace / "metrics/test.json")
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
-    assert run.data.metrics["test_macro_f1"] == pytest.approx(test["macro_f1"])
+    assert run.data.metrics["test_log_loss"] == pytest.approx(test["log_loss"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")} | {
         a.path for a in client.list_artifacts(run_id, "evaluation")
     }
@@ -105,6 +104,17 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     mlflow.set_registry_uri(f"sqlite:///{store}")  # both: an earlier test in this process may have set another
     served = mlflow.pyfunc.load_model(f"models:/mnist-bn-mlp/{versions[0].version}")
     assert served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
+    # the champion's logged model: the figures that chose and report it, on their datasets; no system metric
+    logged = client.get_logged_model(versions[0].source.removeprefix("models:/"))
+    figures = {m.key: (m.value, m.dataset_name) for m in logged.metrics}
+    assert figures["val_accuracy"] == (
+        pytest.approx(read_json(workspace / "metrics/train.json")["val_accuracy"]),
+        "mnist-validation",
+    )
+    assert figures["test_accuracy"] == (pytest.approx(test["accuracy"]), "mnist-test")
+    assert not [key for key in figures if key.startswith("system/") or key == "train_seconds"], figures
+    assert logged.name == "mnist-bn-mlp" and "[0, 1]" in logged.tags["mlflow.note.content"]
+    assert run_id in versions[0].description
 
 
 def test_second_repro_runs_nothing(workspace: Path, env: dict[str, str]) -> None:

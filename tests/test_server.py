@@ -157,7 +157,7 @@ def test_the_run_is_on_the_server_and_nothing_is_local(server: tuple[str, Path],
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(1, EPOCHS + 1))
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
-    assert run.data.metrics["test_macro_f1"] == pytest.approx(test["macro_f1"])
+    assert run.data.metrics["test_log_loss"] == pytest.approx(test["log_loss"])
     assert test["accuracy"] > 0.85
 
     versions = client.search_model_versions(f"name = '{MODEL}' and run_id = '{run.info.run_id}'")
