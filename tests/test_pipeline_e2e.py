@@ -160,9 +160,21 @@ def confusion_totals(marks: list[Mark]) -> dict[str, int]:
     """The counts of the confusion matrix's cells added up, per layer of vega's rect marks."""
     totals: Counter[str] = Counter()
     for mark in marks:
-        if mark.kind == "rect" and (found := re.search(r"xy_count: (\d+)", mark.label)):
+        if mark.kind == "rect" and (found := re.search(r"\bcount: (\d+)", mark.label)):
             totals[mark.layer] += int(found[1])
     return dict(totals)
+
+
+def confusion_cells(marks: list[Mark], kind: str) -> dict[tuple[int, int], tuple[int, str]]:
+    """(actual, predicted) -> (count, SVG path) of each cell vega drew as `kind` (rect: the coloured
+    cells of the first layer; text: the counts written in them)."""
+    layer = next(mark.layer for mark in marks if mark.kind == kind)
+    cells = {}
+    for mark in marks:
+        found = re.search(r"predicted digit: (\d); actual digit: (\d); (?:xy_)?count: (\d+)", mark.label)
+        if mark.kind == kind and mark.layer == layer and found:
+            cells[int(found[2]), int(found[1])] = (int(found[3]), mark.path)
+    return cells
 
 
 def epochs_in(workspace: Path, rev: str | None = None) -> int:
@@ -185,6 +197,27 @@ def test_plots_show_draws_every_plot_offline(workspace: Path, env: dict[str, str
         assert curves(marks[plot]) == {("workspace", field): epochs for field in fields}, plot
     totals = confusion_totals(marks[CONFUSION])
     assert totals and set(totals.values()) == {TEST_ROWS}
+
+
+def test_the_confusion_matrix_reads_as_the_png(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`dvc plots show`'s confusion matrix as the PNG draws it (plots.confusion_matrix): actual digit down
+    (rows, 0 at the top), predicted across (columns, 0 at the left), each cell the count of plots/confusion.csv;
+    every cell that holds any count has it written in it, so the errors read without hovering."""
+    sh("dvc", "plots", "show", cwd=workspace, env=env)
+    marks = plot_marks(rendered_dom(workspace / "dvc_plots/index.html", tmp_path / "browser"))[CONFUSION]
+    rows = [line.split(",") for line in (workspace / "plots/confusion.csv").read_text().splitlines()[1:]]
+    expected = Counter((int(actual), int(predicted)) for actual, predicted in rows)
+    cells = confusion_cells(marks, "rect")
+    assert {cell: count for cell, (count, _) in cells.items() if count} == dict(expected)
+    assert len(cells) == 100  # empty cells drawn too
+    for (actual, predicted), (_, path) in cells.items():
+        x, y, width, height = (
+            float(v) for v in re.fullmatch(r"M([\d.]+),([\d.]+)h([\d.]+)v([\d.]+)h-[\d.]+Z", path).groups()
+        )
+        assert (x, y) == (predicted * width, actual * height), (actual, predicted, path)
+    written = {cell: count for cell, (count, _) in confusion_cells(marks, "text").items()}
+    assert written == dict(expected)  # the errors off the diagonal too, and no 0s
+    assert any(actual != predicted for actual, predicted in written)
 
 
 def test_plots_diff_draws_both_revisions_offline(workspace: Path, env: dict[str, str], tmp_path: Path) -> None:
