@@ -118,20 +118,17 @@ def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any
         )
 
 
-def _provenance(run_id: str, changed: list[str], val_accuracy: float) -> str:
+def _provenance(run_id: str, changed: list[str]) -> str:
     """The registered version's description: the run, commit and params that made it, what chose it."""
     from mlflow import MlflowClient
 
     run = MlflowClient().get_run(run_id)
-    tags = run.data.tags
-    dirty = " (with uncommitted changes)" if tags.get("git_dirty") == "true" else ""
-    commit = tags.get("git_commit", "no git commit") + dirty
-    experiment = f", DVC experiment {tags['dvc_experiment']}" if "dvc_experiment" in tags else ""
-    params = ", ".join(changed) or "none (params.yaml as committed)"
+    dirty = " (with uncommitted changes)" * (run.data.tags.get("git_dirty") == "true")
     return (
-        f"Trained by MLflow run {run.info.run_name} ({run_id}) at git commit {commit}{experiment}. "
-        f"Params changed from that commit: {params}. Validation accuracy {val_accuracy:.4f}: the figure the "
-        f"@{CHAMPION} alias is chosen by."
+        f"Trained by MLflow run {run.info.run_name} ({run_id}) at git commit "
+        f"{run.data.tags.get('git_commit', 'none')}{dirty}; params changed from that commit: "
+        f"{', '.join(changed) or 'none'}. Validation accuracy {run.data.metrics['val_accuracy']:.4f}, the "
+        f"figure the @{CHAMPION} alias is chosen by."
     )
 
 
@@ -176,9 +173,8 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     client = MlflowClient()
     client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.DESCRIPTION})
     link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
-    val_accuracy = client.get_run(run_id).data.metrics["val_accuracy"]
     version = str(info.registered_model_version)
-    client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed, val_accuracy))
+    client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed))
     return version
 
 
@@ -205,8 +201,6 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tupl
         if alias := re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", uri):
             version = mlflow.MlflowClient().get_model_version_by_alias(alias["name"], alias["alias"]).version
             uri, shown = f"models:/{alias['name']}/{version}", f"{alias['name']} version {version} (@{alias['alias']})"
-        elif numbered := re.fullmatch(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)", uri):
-            shown = f"{numbered['name']} version {numbered['version']}"
         before_load()
         # No warnings to show (the command silences MLflow's), so no check of the installed packages either.
         return mlflow.pyfunc.load_model(uri, suppress_warnings=True), shown
