@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 # The pipeline's own outputs, which it rewrites on every run: not inputs, so they never make a run dirty.
-PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "runs")
 RUN_NAME_LENGTH = 250  # MLflow's column for a run's name (PostgreSQL enforces it)
 
 
