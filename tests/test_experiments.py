@@ -100,6 +100,25 @@ def test_workspace_experiment_and_diffs(repo: Path) -> None:
     assert run.info.run_name == "lr-005 train.learning_rate=0.05"  # what the experiment changed
 
 
+def test_exp_show_at_120_columns_shows_the_change_and_its_accuracy(repo: Path) -> None:
+    """`dvc exp show --only-changed` in a 120-column terminal, paged (the first 120 columns) or not: the
+    experiment's row holds the learning rate it changed and the test accuracy it gave; its run says what
+    it changed. (`--temp`: the workspace keeps lr-005's results for the tests below.)"""
+    sh("dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.02", "-n", "lr-002", cwd=repo, env=ENV)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, env=ENV).stdout)
+    exp = next(e for baseline in shown for e in baseline.get("experiments") or [] if e["name"] == "lr-002")
+    accuracy = exp["revs"][0]["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"]
+    for pager in ([], ["--no-pager"]):
+        table = sh("dvc", "exp", "show", "--only-changed", *pager, cwd=repo, env={**ENV, "COLUMNS": "120"}).stdout
+        seen = [line[:120] for line in table.splitlines()]  # `less -S` in a 120-column terminal
+        assert pager == [] or seen == table.splitlines(), table  # rich fits the width without a pager
+        assert "accuracy" in seen[1] and "train.learning_rate" in seen[1], table
+        row = next(line for line in seen if "[lr-002]" in line)
+        assert " 0.02 " in row and f" {accuracy:.4f}".rstrip("0") in row, table
+    run = client(repo).get_run(trained_by(repo, exp["revs"][0]["rev"]))
+    assert run.info.run_name == "lr-002 train.learning_rate=0.02"
+
+
 def wait_for_queue(repo: Path, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,21 +156,6 @@ def test_temp_and_queued_experiments_share_the_one_store(repo: Path) -> None:
             found[exp["name"]] = trained_by(repo, exp["revs"][0]["rev"])
     for name in ("seed-1", "lr-0.02", "lr-0.03"):
         assert found[name] == runs[name].info.run_id
-
-
-def test_exp_show_at_120_columns_shows_the_change_and_its_accuracy(repo: Path) -> None:
-    """`dvc exp show --only-changed` in a 120-column terminal: the experiment's row holds the learning
-    rate it changed and the test accuracy it gave, within the width; its run says what it changed."""
-    sh("dvc", "exp", "run", "-S", "train.learning_rate=0.02", "-n", "lr-002", cwd=repo, env=ENV)
-    accuracy = metrics(repo, "test")["accuracy"]
-    table = sh("dvc", "exp", "show", "--only-changed", cwd=repo, env={**ENV, "COLUMNS": "120"}).stdout
-    lines = table.splitlines()
-    assert max(len(line) for line in lines) <= 120, table
-    header = " ".join(lines[:3])
-    assert "accuracy" in header and "learning_rate" in header, table
-    row = next(line for line in lines if "[lr-002]" in line)
-    assert " 0.02 " in row and f" {accuracy:.4f}".rstrip("0") in row, table
-    assert client(repo).get_run(trained_by(repo)).info.run_name == "lr-002 train.learning_rate=0.02"
 
 
 def test_restored_model_is_evaluated_into_its_own_run(repo: Path) -> None:
