@@ -30,6 +30,7 @@ SPLITS = ("train", "validation", "test")
 MODEL_FILE = Path("models/model.keras")
 TRAIN_METRICS = Path("metrics/train.json")
 TEST_METRICS = Path("metrics/test.json")
+RUN_FILE = Path("runs/train.json")  # the MLflow run that trained the model: an output, not a metric
 REPORT_FILE = Path("metrics/classification_report.json")
 HISTORY_FILE = Path("plots/history.csv")
 CURVES_FILE = Path("plots/learning_curves.png")
@@ -70,7 +71,7 @@ def prepared_file(split: str) -> Path:
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "download": tuple(RAW_DIR / name for name in MNIST_FILES),
     "prepare": tuple(prepared_file(split) for split in SPLITS),
-    "train": (MODEL_FILE, CURVES_FILE, HISTORY_FILE, TRAIN_METRICS),
+    "train": (MODEL_FILE, CURVES_FILE, HISTORY_FILE, TRAIN_METRICS, RUN_FILE),
     "evaluate": (REPORT_FILE, CONFUSION_FILE, CONFUSION_PNG, MISTAKES_PNG, TEST_METRICS),
 }
 

@@ -19,7 +19,7 @@ import yaml
 from pipeline.config import flatten
 
 # The pipeline's own outputs, which it rewrites on every run: not inputs, so they never make a run dirty.
-PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "runs")
 RUN_NAME_LENGTH = 250  # MLflow's column for a run's name (PostgreSQL enforces it)
 
 
@@ -79,22 +79,26 @@ def _committed_params(params_file: Path) -> dict[str, Any] | None:
     return flatten(document) if isinstance(document, dict) else None
 
 
+def changed_params(flat: dict[str, Any], params_file: Path) -> list[str]:
+    """Each value of params.yaml (`flat`) that differs from the committed one, as `key=value`."""
+    if (committed := _committed_params(params_file)) is None:
+        return []
+    missing = object()  # a key the committed file lacks differs whatever its value
+    return [
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in flat.items()
+        if committed.get(key, missing) != value
+    ]
+
+
 def run_name(flat: dict[str, Any], params_file: Path) -> str:
-    """What a list of runs says this run was: the DVC experiment's name under `dvc exp run`; otherwise
-    the short git commit, `-dirty` if a tracked file other than params.yaml and the pipeline's outputs
-    differs from it, then each value of params.yaml (`flat`) that differs from the committed one:
-    `1a2b3c4 train.learning_rate=0.05 train.epochs=50`."""
-    if name := dvc_experiment():
-        return name
-    commit = _git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return "uncommitted"  # no git repository here, or no commit yet
-    parts = [f"{commit}-dirty" if _changed(params_file.as_posix()) else commit]
-    if (committed := _committed_params(params_file)) is not None:
-        missing = object()  # a key the committed file lacks differs whatever its value
-        parts += [
-            f"{key}={value if isinstance(value, str) else json.dumps(value)}"
-            for key, value in flat.items()
-            if committed.get(key, missing) != value
-        ]
-    return " ".join(parts)[:RUN_NAME_LENGTH]
+    """What a list of runs says this run was: the DVC experiment's name under `dvc exp run`, else the
+    short git commit, `-dirty` if a tracked file other than params.yaml and the pipeline's outputs
+    differs from it; then each value of params.yaml (`flat`) that differs from the committed one (the
+    experiment's baseline): `1a2b3c4 train.learning_rate=0.05 train.epochs=50`, `lr-005 train.learning_rate=0.05`."""
+    if not (head := dvc_experiment()):
+        commit = _git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "uncommitted"  # no git repository here, or no commit yet
+        head = f"{commit}-dirty" if _changed(params_file.as_posix()) else commit
+    return " ".join([head, *changed_params(flat, params_file)])[:RUN_NAME_LENGTH]

@@ -49,6 +49,7 @@ BATCH = 256  # images per call of an MLflow model
 # of more than STREAM_WAIT seconds, and at most MAX_STREAM_BYTES, so that no input makes the command hang.
 STREAM_WAIT = 5.0
 MAX_STREAM_BYTES = 64 << 20
+log = logging.getLogger("pipeline.predict")
 
 Classifier = Callable[[np.ndarray], np.ndarray]
 Prediction = tuple[Path, int, float]
@@ -204,29 +205,30 @@ def _quiet_keras() -> None:
     keras.utils.disable_interactive_logging()
 
 
-def load_keras(path: Path) -> Classifier:
+def load_keras(path: Path) -> tuple[Classifier, str]:
     """A `.keras` file as the pipeline saves it (logits out), loaded as `evaluate` loads it."""
     from pipeline import model
 
     network = model.load(path)  # a wrong path fails before TensorFlow's start-up
     _quiet_keras()
-    return lambda x: model.probabilities(network, x)
+    return (lambda x: model.probabilities(network, x)), shown(path)
 
 
-def load_mlflow(uri: str) -> Classifier:
+def load_mlflow(uri: str) -> tuple[Classifier, str]:
     """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities.
     Rows go in batches of `BATCH`, under the row limit of a registered model (tracking/serving.py)."""
-    model = tracking.load_model(uri, before_load=_quiet_keras)
+    model, name = tracking.load_model(uri, before_load=_quiet_keras)
 
     def classifier(x: np.ndarray) -> np.ndarray:
         batches = [model.predict(x[start : start + BATCH]) for start in range(0, len(x), BATCH)]
         return np.concatenate([np.asarray(batch, dtype=np.float64) for batch in batches])
 
-    return classifier
+    return classifier, name
 
 
-def load_model(uri: str) -> Classifier:
-    """A function from (n, 784) float32 pixels to (n, 10) class probabilities."""
+def load_model(uri: str) -> tuple[Classifier, str]:
+    """A function from (n, 784) float32 pixels to (n, 10) class probabilities, and the model's name
+    (`mnist-bn-mlp version 3 (@champion)`, or the file)."""
     return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
 
 
@@ -252,7 +254,9 @@ def classify(
             readable.append(path)
     if not readable:
         return []
-    probabilities = load_model(model_uri)(np.stack(images))
+    model, name = load_model(model_uri)
+    log.info("model: %s", name)  # on stderr, before the results on stdout
+    probabilities = model(np.stack(images))
     if probabilities.shape != (len(readable), 10):
         raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]

@@ -50,12 +50,16 @@ def pass_through(source: BinaryIO, sink: BinaryIO) -> None:
 
 
 # The filter runs in a process of its own, so that what C++ code writes just before it aborts the
-# process (a fatal check, an out-of-memory abort) still reaches the terminal. It has a process group of
-# its own, so Ctrl-C (sent to the terminal's foreground group) reaches only the command, which says what
-# it stopped; the filter passes on the last lines and ends when its input closes.
+# process (a fatal check, an out-of-memory abort) still reaches the terminal. It runs this file by its
+# path: it is also logged beside a registered model (tracking/serving.py), where no `pipeline` package is.
+# It has a process group of its own, so Ctrl-C (sent to the terminal's foreground group) reaches only
+# the command, which says what it stopped; the filter passes on the last lines and ends when its input
+# closes.
 _FILTER = (
-    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-    "from pipeline.quiet import pass_through; pass_through(sys.stdin.buffer, sys.stdout.buffer)"
+    "import importlib.util, sys; "
+    f"spec = importlib.util.spec_from_file_location('quiet', {str(Path(__file__).resolve())!r}); "
+    "quiet = importlib.util.module_from_spec(spec); spec.loader.exec_module(quiet); "
+    "quiet.pass_through(sys.stdin.buffer, sys.stdout.buffer)"
 )
 
 
@@ -82,6 +86,15 @@ def filtered_stderr() -> Iterator[None]:
         # a child process started inside the block may hold the pipe open; its lines still come later
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def tensorflow_start() -> Iterator[None]:
+    """Around TensorFlow's import and first use: its C++ INFO and WARNING lines off, the rest filtered."""
+    if not VERBOSE:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with filtered_stderr():
+        yield
 
 
 def configure_logging() -> None:

@@ -82,9 +82,7 @@ def import_tensorflow(cache_root: Path | None = None) -> None:
         os.environ["TF_XLA_FLAGS"] = (
             f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={folder}"
         ).strip()
-    if not quiet.VERBOSE:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
-    with quiet.filtered_stderr(), _hidden(_KERAS_EXTRAS):
+    with quiet.tensorflow_start(), _hidden(_KERAS_EXTRAS):
         import keras  # noqa: F401  (the stages' Keras 3, beside the one `tf.keras` wraps)
         import tensorflow
 

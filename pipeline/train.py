@@ -19,6 +19,7 @@ from pipeline.config import (
     HISTORY_FILE,
     MODEL_FILE,
     PARAMS_FILE,
+    RUN_FILE,
     TRAIN_METRICS,
     Params,
     load_params,
@@ -62,18 +63,10 @@ def history_csv(history: list[EpochResult]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
-    """metrics/train.json: the last epoch's figures, the time, and the MLflow run that holds the rest."""
-    final = fitted.history[-1]
-    return {
-        "val_accuracy": final.val_accuracy,
-        "val_loss": final.val_loss,
-        "train_accuracy": final.train_accuracy,
-        "train_loss": final.train_loss,
-        "epochs": len(fitted.history),
-        "train_seconds": round(fitted.train_seconds, 3),
-        "mlflow_run_id": run_id,
-    }
+def summary(fitted: Fitted) -> dict[str, float]:
+    """metrics/train.json: what `dvc exp show` compares, the last epoch's validation figures (the
+    MLflow run, named in runs/train.json, holds every epoch, the training figures and the time)."""
+    return {"val_accuracy": fitted.history[-1].val_accuracy, "val_loss": fitted.history[-1].val_loss}
 
 
 def train(params: Params) -> Fitted:
@@ -97,7 +90,7 @@ def train(params: Params) -> Fitted:
             stack.enter_context(tracking.system_metrics(run_id))
             out = stack.enter_context(io.staged_outputs())
             tracking.log_params(params.flat())
-            tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
+            datasets = tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
         with (
             tracking.live_history(run_id) as send,
             progress(params.train.epochs) as report,
@@ -122,12 +115,14 @@ def train(params: Params) -> Fitted:
             out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
             out.write_bytes(CURVES_FILE, figure)
             out.write_text(HISTORY_FILE, curves)
-            out.write_json(TRAIN_METRICS, summary(fitted, run_id))
+            out.write_json(TRAIN_METRICS, summary(fitted))
+            out.write_json(RUN_FILE, {"mlflow_run_id": run_id})
         with timing.phase("MLflow: training time and plots"):
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
             tracking.log_training(fitted.train_seconds, files)
         with timing.phase("MLflow: log and register the model"):
-            version = tracking.log_model(fitted.model, validation.x[:5])
+            changed = lineage.changed_params(params.flat(), PARAMS_FILE)
+            version = tracking.log_model(fitted.model, validation.x[:5], datasets["validation"], changed)
             champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
     log.info(
         "registered as version %s of %s%s",

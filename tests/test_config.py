@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from workspace import REPO
 
-from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, project_root, validate_params
+from pipeline.config import (
+    RUN_FILE,
+    STAGE_OUTPUTS,
+    TEST_METRICS,
+    TRAIN_METRICS,
+    DownloadParams,
+    Params,
+    load_params,
+    project_root,
+    validate_params,
+)
 from pipeline.errors import ConfigError
 
 REPO_PARAMS = REPO / "params.yaml"
@@ -405,6 +416,24 @@ def test_paths_in_dvc_yaml_are_the_ones_the_stages_write() -> None:
         assert sorted(declared) == sorted(str(path) for path in STAGE_OUTPUTS[name]), name
         assert stage["cmd"] == f"python -m pipeline.{name}"
         assert f"pipeline/{name}.py" in stage["deps"]
+
+
+def test_metrics_are_the_results_people_compare_and_the_run_id_is_an_output() -> None:
+    """`dvc exp show` and `dvc metrics diff` compare validation and test results only; the MLflow run
+    that holds the rest is named in an output that git keeps (a stage output, not a metric)."""
+    stages = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    metrics = {name: [next(iter(entry)) for entry in stage.get("metrics", [])] for name, stage in stages.items()}
+    assert metrics == {"download": [], "prepare": [], "train": [str(TRAIN_METRICS)], "evaluate": [str(TEST_METRICS)]}
+    outs = {next(iter(entry)): entry[next(iter(entry))] for entry in stages["train"]["outs"]}
+    assert outs[str(RUN_FILE)] == {"persist": True, "cache": False}
+    assert str(RUN_FILE) in stages["evaluate"]["deps"]  # evaluation logs into the run that trained the model
+    committed = {path: json.loads((REPO_PARAMS.parent / path).read_text()) for path in (TRAIN_METRICS, TEST_METRICS)}
+    assert {path: sorted(values) for path, values in committed.items()} == {
+        TRAIN_METRICS: ["val_accuracy", "val_loss"],
+        TEST_METRICS: ["accuracy", "log_loss"],
+    }
+    assert all(isinstance(value, float) for values in committed.values() for value in values.values())
+    assert json.loads((REPO_PARAMS.parent / RUN_FILE).read_text())["mlflow_run_id"]
 
 
 def _module_file(name: str) -> Path | None:

@@ -40,6 +40,13 @@ def metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / f"metrics/{name}.json").read_text())
 
 
+def trained_by(repo: Path, rev: str | None = None) -> str:
+    """The MLflow run named in runs/train.json, in the workspace or at a git revision (an experiment's)."""
+    path = "runs/train.json"
+    text = sh("git", "show", f"{rev}:{path}", cwd=repo).stdout if rev else (repo / path).read_text()
+    return str(json.loads(text)["mlflow_run_id"])
+
+
 def weights(path: Path) -> list[np.ndarray]:
     import keras
 
@@ -47,17 +54,14 @@ def weights(path: Path) -> list[np.ndarray]:
 
 
 def test_forced_rerun_is_bit_identical(repo: Path) -> None:
-    volatile = {"train_seconds", "mlflow_run_id"}
     before = {name: metrics(repo, name) for name in ("train", "test")}
+    before_run = trained_by(repo)
     before_weights = weights(repo / "models/model.keras")
     before_archive = (repo / "models/model.keras").read_bytes()
     sh("dvc", "repro", "-f", cwd=repo, env=ENV)
-    after = {name: metrics(repo, name) for name in ("train", "test")}
-    for name in before:
-        assert {k: v for k, v in after[name].items() if k not in volatile} == {
-            k: v for k, v in before[name].items() if k not in volatile
-        }
-    assert after["train"]["mlflow_run_id"] != before["train"]["mlflow_run_id"]  # a new run, same results
+    assert {name: metrics(repo, name) for name in ("train", "test")} == before  # every metric, to the last bit
+    assert trained_by(repo) != before_run  # a new run, same results
+    assert "changed" not in sh("dvc", "metrics", "diff", "HEAD", cwd=repo, env=ENV).stdout.lower()
     for a, b in zip(before_weights, weights(repo / "models/model.keras"), strict=True):
         assert a.tobytes() == b.tobytes()
     # same weights, same bytes: the archive carries no save time, so dvc.lock's hash of it does not move
@@ -65,7 +69,7 @@ def test_forced_rerun_is_bit_identical(repo: Path) -> None:
 
 
 def test_run_leads_back_to_commit_params_and_data(repo: Path) -> None:
-    run = client(repo).get_run(metrics(repo, "train")["mlflow_run_id"])
+    run = client(repo).get_run(trained_by(repo))
     lock = (repo / "dvc.lock").read_text()
     assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert run.data.tags["git_dirty"] == "false"  # only pipeline outputs changed since the commit
@@ -81,13 +85,36 @@ def test_workspace_experiment_and_diffs(repo: Path) -> None:
     changed = json.loads(params)["params.yaml"]["train.learning_rate"]
     assert (changed["old"], changed["new"]) == (0.01, 0.05)
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo, env=ENV).stdout)
-    assert "accuracy" in diff["metrics/test.json"]
+    # only the results people compare: no run id, no training time
+    assert sorted(diff) == ["metrics/test.json", "metrics/train.json"]
+    assert sorted(diff["metrics/test.json"]) == ["accuracy", "log_loss"]
+    assert sorted(diff["metrics/train.json"]) == ["val_accuracy", "val_loss"]
     out = repo / "plots_html"
     sh("dvc", "plots", "diff", "HEAD", "-o", str(out), cwd=repo, env=ENV)
     assert "Confusion matrix (test set)" in (out / "index.html").read_text()
-    run = client(repo).get_run(metrics(repo, "train")["mlflow_run_id"])
+    run = client(repo).get_run(trained_by(repo))
     assert run.data.tags["dvc_experiment"] == "lr-005"
     assert run.data.params["train.learning_rate"] == "0.05"
+    assert run.info.run_name == "lr-005 train.learning_rate=0.05"  # what the experiment changed
+
+
+def test_exp_show_at_120_columns_shows_the_change_and_its_accuracy(repo: Path) -> None:
+    """`dvc exp show --only-changed` in a 120-column terminal, paged (the first 120 columns) or not: the
+    experiment's row holds the learning rate it changed and the test accuracy it gave; its run says what
+    it changed. (`--temp`: the workspace keeps lr-005's results for the tests below.)"""
+    sh("dvc", "exp", "run", "--temp", "-S", "train.learning_rate=0.02", "-n", "lr-002", cwd=repo, env=ENV)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, env=ENV).stdout)
+    exp = next(e for baseline in shown for e in baseline.get("experiments") or [] if e["name"] == "lr-002")
+    accuracy = exp["revs"][0]["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"]
+    for pager in ([], ["--no-pager"]):
+        table = sh("dvc", "exp", "show", "--only-changed", *pager, cwd=repo, env={**ENV, "COLUMNS": "120"}).stdout
+        seen = [line[:120] for line in table.splitlines()]  # `less -S` in a 120-column terminal
+        assert pager == [] or seen == table.splitlines(), table  # rich fits the width without a pager
+        assert "accuracy" in seen[1] and "train.learning_rate" in seen[1], table
+        row = next(line for line in seen if "[lr-002]" in line)
+        assert " 0.02 " in row and f" {accuracy:.4f}".rstrip("0") in row, table
+    run = client(repo).get_run(trained_by(repo, exp["revs"][0]["rev"]))
+    assert run.info.run_name == "lr-002 train.learning_rate=0.02"
 
 
 def wait_for_queue(repo: Path, timeout: float = 600) -> str:
@@ -117,22 +144,22 @@ def test_temp_and_queued_experiments_share_the_one_store(repo: Path) -> None:
         assert "test_accuracy" in runs[name].data.metrics
     assert runs["seed-1"].data.params["train.seed"] == "1"
 
-    # dvc exp show leads from each experiment to its run
+    # each experiment's commit names its run (runs/train.json), and the run is named after it
+    for name in ("seed-1", "lr-0.02", "lr-0.03"):
+        assert runs[name].info.run_name.startswith(name)
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, env=ENV).stdout)
     found = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
-            data = exp["revs"][0]["data"]
-            found[exp["name"]] = data["metrics"]["metrics/train.json"]["data"]["mlflow_run_id"]
+            found[exp["name"]] = trained_by(repo, exp["revs"][0]["rev"])
     for name in ("seed-1", "lr-0.02", "lr-0.03"):
         assert found[name] == runs[name].info.run_id
 
 
 def test_restored_model_is_evaluated_into_its_own_run(repo: Path) -> None:
     sh("dvc", "exp", "apply", "lr-0.03", cwd=repo, env=ENV)  # model and metrics come back from DVC's cache
-    run_id = metrics(repo, "train")["mlflow_run_id"]
+    run_id = trained_by(repo)
     sh("dvc", "repro", "-f", "-s", "evaluate", cwd=repo, env=ENV)
-    assert metrics(repo, "test")["mlflow_run_id"] == run_id
     assert len(client(repo).get_metric_history(run_id, "test_accuracy")) == 2  # evaluated twice, same run
 
 

@@ -237,7 +237,7 @@ def test_failing_artifact_store_while_recording_the_evaluation(repo: Path) -> No
         done = run(sys.executable, "-m", "pipeline.evaluate", cwd=repo)
     new = assert_failed_cleanly(repo, before, done.returncode, done.stderr, "MLflow store")
     assert new == [], "evaluate records into the training's run, it starts none"
-    trained_in = client(repo).get_run(json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"])
+    trained_in = client(repo).get_run(json.loads((repo / "runs/train.json").read_text())["mlflow_run_id"])
     assert trained_in.info.status == "FINISHED", "a failed evaluation does not undo a finished training"
     assert trained_in.data.tags.get("resume_failed"), "the run says its evaluation failed"
 

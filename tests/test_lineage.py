@@ -35,8 +35,9 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (root / "pipeline").mkdir(parents=True)
     shutil.copyfile(REPO / PARAMS_FILE, root / PARAMS_FILE)
     (root / "pipeline/train.py").write_text("# the code\n")
-    (root / "metrics").mkdir()
-    (root / "metrics/train.json").write_text("{}\n")
+    for output in ("metrics/train.json", "runs/train.json"):
+        (root / output).parent.mkdir()
+        (root / output).write_text("{}\n")
     sh("git", "init", "-q", cwd=root)
     sh("git", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "c", cwd=root)
@@ -55,6 +56,7 @@ def name(root: Path) -> str:
 
 def test_a_run_of_the_committed_params_is_named_after_the_commit(repo: Path) -> None:
     (repo / "metrics/train.json").write_text('{"val_accuracy": 0.9}\n')  # the pipeline's own outputs
+    (repo / "runs/train.json").write_text('{"mlflow_run_id": "abc"}\n')
     assert name(repo) == short_commit(repo)
 
 
@@ -71,10 +73,11 @@ def test_changed_code_marks_the_commit_dirty(repo: Path) -> None:
     assert name(repo) == f"{short_commit(repo)}-dirty train.epochs=50"
 
 
-def test_a_dvc_experiment_keeps_its_name(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dvc_experiment_is_named_with_what_it_changed(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "lr-005")
-    set_params(repo, train__learning_rate=0.05)
     assert name(repo) == "lr-005"
+    set_params(repo, train__learning_rate=0.05)
+    assert name(repo) == "lr-005 train.learning_rate=0.05"
 
 
 def test_a_key_the_commit_lacks_is_named(repo: Path) -> None:

@@ -84,8 +84,8 @@ def test_recipe_runs_as_a_named_dvc_experiment_and_mlflow_run(tmp_path: Path) ->
     assert "quick" in names
     runs = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"])
     assert [(r.info.run_name, r.data.params["train.optimizer"], r.info.status) for r in runs] == [
-        ("quick", "adamw", "FINISHED")
-    ]
+        ("quick train.optimizer=adamw train.learning_rate=0.003 train.shift_pixels=1", "adamw", "FINISHED")
+    ]  # named after the recipe and what it changed
 
 
 def test_a_missing_recipe_is_one_usage_line() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,24 +86,51 @@ def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: s
     import mlflow
 
     from pipeline import model, runtime
+    from pipeline.io import Split
 
     runtime.import_tensorflow()
     defaults = load_params(REPO / "params.yaml")
     network = model.build_model(defaults.model.model_copy(update={"hidden_units": [16]}))
-    images, _ = offline_mnist("t10k")
+    images, labels = offline_mnist("t10k")
     x = images[:5].reshape(5, -1).astype(np.float32) / 255
-    with tracking.run() as run_id:
-        version = tracking.log_model(network, x)
-    served = tracking.load_model(f"models:/{tracking.REGISTERED_MODEL}/{version}")
+    client = mlflow.MlflowClient()
+    with tracking.run() as run_id, tracking.system_metrics(run_id):
+        datasets = tracking.log_datasets({"validation": Split(x, labels[:5])}, "training", {"validation": "ab12"})
+        tracking.log_run(run_id, metrics={"val_accuracy": 0.5, "val_loss": 1.5}, step=1)  # the last epoch's
+        tracking.log_run(run_id, metrics={"train_seconds": 2.0})  # step 0, as the train stage logs it
+        # the step-0 system metrics that MLflow would attach to a model logged at its default step
+        while "system/cpu_utilization_percentage" not in client.get_run(run_id).data.metrics:
+            time.sleep(0.1)
+        version = tracking.log_model(network, x, datasets["validation"], ["train.learning_rate=0.02"])
+        assert tracking.promote_if_better(run_id, 0.5)
+    served, name = tracking.load_model(f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}")
+    assert name == f"{tracking.REGISTERED_MODEL} version {version} (@{tracking.CHAMPION})"
     probabilities = np.asarray(served.predict(x))
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probabilities, model.probabilities(network, x), atol=1e-5)
-    assert "max_rows" not in mlflow.MlflowClient().get_run(run_id).data.params  # the run holds params.yaml's
+    assert "max_rows" not in client.get_run(run_id).data.params  # the run holds params.yaml's
     with pytest.raises(MlflowException, match="is nan"):
         served.predict(with_value(np.nan).astype(np.float32))
 
-    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    # what chose it, what goes in and out, where it came from
+    registered = client.get_model_version(tracking.REGISTERED_MODEL, version)
+    logged = client.get_logged_model(registered.source.removeprefix("models:/"))
+    assert logged.name == tracking.REGISTERED_MODEL and logged.source_run_id == run_id
+    assert [(m.key, m.value, m.step, m.dataset_name, m.dataset_digest) for m in logged.metrics] == [
+        ("val_accuracy", 0.5, 1, "mnist-validation", "ab12"),
+        ("val_loss", 1.5, 1, "mnist-validation", "ab12"),
+    ]  # and neither the system metrics nor train_seconds
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1]  # no second point
+    assert "784 values, a 28x28 digit in row-major order" in logged.tags["mlflow.note.content"]
+    signature = served.metadata.signature
+    assert [(s.name, s.shape) for s in (*signature.inputs.inputs, *signature.outputs.inputs)] == [
+        ("pixels", (-1, 784)),
+        ("probabilities", (-1, 10)),
+    ]
+    assert f"({run_id})" in registered.description and "train.learning_rate=0.02" in registered.description
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{tracking.REGISTERED_MODEL}"))
     try:
         files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
         assert "serving.py" in files and f"artifacts/{serving.NETWORK}.keras" in files

@@ -135,7 +135,7 @@ def test_the_tracking_server_keeps_its_runs_in_postgresql(team: Team, alice: Pat
     mlflow = client(team)
     experiment = mlflow.get_experiment_by_name("mnist-batchnorm")
     runs = mlflow.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
-    trained = {json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"] for repo in (alice, bob)}
+    trained = {json.loads((repo / "runs/train.json").read_text())["mlflow_run_id"] for repo in (alice, bob)}
     assert trained <= {run.info.run_id for run in runs}
     assert len(mlflow.search_model_versions("name = 'mnist-bn-mlp'")) == 2
     # in PostgreSQL: its tables hold them
@@ -181,21 +181,26 @@ def test_a_newcomer_pulls_the_model_and_the_experiment_byte_for_byte(alice: Path
 @pytest.fixture(scope="module")
 def shared_experiment(team: Team, alice: Path, bob: Path) -> tuple[str, str, str]:
     """On Alice's machine: Bob's experiment pulled, `dvc exp show`'s table, and `mlflow runs describe`
-    of the run named in it (Bob's run id)."""
+    of the run that trained it (named in Bob's runs/train.json, which `dvc exp apply` brings)."""
     team.run("dvc exp pull origin lr-005", alice)
-    table = team.run("dvc exp show --drop '.*' --keep 'Experiment|.*mlflow_run_id|val_accuracy'", alice)
-    run_id = json.loads((bob / "metrics/train.json").read_text())["mlflow_run_id"]
+    table = team.run("dvc exp show --only-changed", alice)
+    run_id = json.loads((bob / "runs/train.json").read_text())["mlflow_run_id"]
     described = team.run("mlflow runs describe --run-id <mlflow_run_id>", alice, mlflow_run_id=run_id)
     return table, run_id, described
 
 
-def test_an_experiment_travels_between_machines_with_its_run(shared_experiment: tuple[str, str, str]) -> None:
+def test_an_experiment_travels_between_machines_with_its_run(
+    shared_experiment: tuple[str, str, str], carol: Newcomer
+) -> None:
     table, run_id, text = shared_experiment
     row = next((line for line in table.splitlines() if EXPERIMENT in line), "")
-    assert run_id in row, table
+    assert " 0.05 " in row, table  # the learning rate it changed, beside its results
+    # `dvc exp apply` brought Bob's runs/train.json: it names the run that trained the model
+    assert json.loads((carol.repo / "runs/train.json").read_text())["mlflow_run_id"] == run_id
     described = json.loads(text)
     assert described["info"]["status"] == "FINISHED"
     assert described["data"]["tags"]["dvc_experiment"] == EXPERIMENT
+    assert described["info"]["run_name"] == f"{EXPERIMENT} train.learning_rate=0.05"
     assert yaml.safe_load(described["data"]["params"]["train.learning_rate"]) == 0.05
 
 

@@ -4,6 +4,7 @@ loading a registered model for `mnist-predict`."""
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from collections.abc import Callable
 from io import StringIO
@@ -89,44 +90,92 @@ def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
         MlflowClient().set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
 
 
-def log_model(model: Any, example: Any) -> str:
+def logged_model_id(run_id: str) -> str | None:
+    """The id of the model (MLflow's LoggedModel) the run logged last, if it logged one."""
+    from mlflow import MlflowClient
+
+    outputs = MlflowClient().get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    return str(models[-1].model_id) if models else None
+
+
+def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any) -> None:
+    """Link the run's last value of each metric to its model, with the dataset (an MLflow Dataset) it
+    was measured on. Same timestamp and step as the run's own point: the run's history gains none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key in keys:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        mlflow_module().log_metric(
+            key, last.value, step=last.step, timestamp=last.timestamp, model_id=model_id, dataset=dataset
+        )
+
+
+def _provenance(run_id: str, changed: list[str]) -> str:
+    """The registered version's description: the run, commit and params that made it, what chose it."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    dirty = " (with uncommitted changes)" * (run.data.tags.get("git_dirty") == "true")
+    return (
+        f"Trained by MLflow run {run.info.run_name} ({run_id}) at git commit "
+        f"{run.data.tags.get('git_commit', 'none')}{dirty}; params changed from that commit: "
+        f"{', '.join(changed) or 'none'}. Validation accuracy {run.data.metrics['val_accuracy']:.4f}, the "
+        f"figure the @{CHAMPION} alias is chosen by."
+    )
+
+
+def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> str:
     """Log the model into the active run as MLflow will serve it, and register it as a new version of
     `mnist-bn-mlp`; return the version. The served form (`serving.py`, logged as code: no pickle) is the
     network with a softmax head (ten class probabilities), which refuses rows that are not 784 pixel
-    values in [0, 1] and requests above `serving.MAX_ROWS` rows; with a signature and an input example."""
+    values in [0, 1] and requests above `serving.MAX_ROWS` rows; with a named signature, an input
+    example and a description. The model holds the run's validation figures, measured on `validation`
+    (an MLflow Dataset); the version says which run, commit and `changed` params made it."""
     import keras
     import tensorflow as tf
-    from mlflow.models import infer_signature
+    from mlflow import MlflowClient
 
+    from pipeline import quiet
     from pipeline.model import save, with_softmax
-    from pipeline.quiet import filtered_stderr
     from pipeline.tracking import serving
 
     mlflow = mlflow_module()
-    served = with_softmax(model)
-    signature = infer_signature(example, served(example).numpy())
+    run_id = mlflow.active_run().info.run_id
     with tempfile.TemporaryDirectory() as folder:
         network = Path(folder) / f"{serving.NETWORK}.keras"
-        save(served, network)
+        save(with_softmax(model), network)
         # MLflow checks the input example by loading the model and predicting it: TensorFlow's C++ log
         # lines of that check are noise, and so is the registry's chatter.
-        with contextlib.redirect_stdout(StringIO()), filtered_stderr():
+        with contextlib.redirect_stdout(StringIO()), quiet.filtered_stderr():
             info = mlflow.pyfunc.log_model(
-                name="model",
+                name=REGISTERED_MODEL,
                 python_model=Path(serving.__file__),
+                code_paths=[str(Path(quiet.__file__))],  # serving.py quiets TensorFlow with it
                 artifacts={serving.NETWORK: str(network)},
-                signature=signature,
+                signature=serving.signature(),
                 input_example=example,
                 registered_model_name=REGISTERED_MODEL,
                 # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
                 pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+                # MLflow links to the model every metric the run holds at the model's step: at its default,
+                # 0, the system metrics' first sample and `train_seconds`. No metric is at step -1 (epochs
+                # count from 1): the model holds only the figures linked here and by `evaluate`.
+                step=-1,
             )
-    return str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.DESCRIPTION})
+    link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
+    version = str(info.registered_model_version)
+    client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed))
+    return version
 
 
-def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
+def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tuple[Any, str]:
     """Any MLflow model URI (`models:/mnist-bn-mlp@champion`, `runs:/...`) as a pyfunc model, resolved
-    against the pipeline's store; every way it cannot be loaded from here is one TrackingError.
+    against the pipeline's store, and what it is (`mnist-bn-mlp version 3 (@champion)`); every way it
+    cannot be loaded from here is one TrackingError. An alias is resolved once, and that version loaded.
     `before_load` runs once the store is known to be usable (the caller's slow TensorFlow start-up)."""
     from pipeline.tracking.store import check_reachable
 
@@ -141,9 +190,14 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
     mlflow = mlflow_module()
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
-    before_load()
+    shown = redacted(uri)
     try:
-        return mlflow.pyfunc.load_model(uri)
+        if alias := re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", uri):
+            version = mlflow.MlflowClient().get_model_version_by_alias(alias["name"], alias["alias"]).version
+            uri, shown = f"models:/{alias['name']}/{version}", f"{alias['name']} version {version} (@{alias['alias']})"
+        before_load()
+        # No warnings to show (the command silences MLflow's), so no check of the installed packages either.
+        return mlflow.pyfunc.load_model(uri, suppress_warnings=True), shown
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
         raise TrackingError(
             f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "

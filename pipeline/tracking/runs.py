@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import processes, quiet
 from pipeline.errors import Terminated, TrackingError
+from pipeline.tracking.registry import logged_model_id
 from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
 
 log = logging.getLogger("pipeline.tracking")
@@ -137,7 +138,7 @@ def resume(run_id: str) -> AbstractContextManager[str]:
     connect()
     if not run_exists(run_id):
         raise TrackingError(
-            f"MLflow run {run_id} (named in metrics/train.json) is not in the store {shown_store()}; "
+            f"MLflow run {run_id} (named in runs/train.json) is not in the store {shown_store()}; "
             "point MLFLOW_TRACKING_URI at the store that trained the model, or run `dvc repro -f train`."
         )
     return run(run_id=run_id)
@@ -243,24 +244,30 @@ def log_training(train_seconds: float, files: dict[Path, bytes | str]) -> None:
     log_files(files)
 
 
-def log_datasets(splits: dict[str, Any], context: str, digests: dict[str, str]) -> None:
-    """Record each split (an `io.Split`) as an MLflow dataset input of the active run. Its digest is the
-    MD5 of its file, as in dvc.lock (`data_tags`), instead of MLflow's hash of a copy of the arrays."""
+def log_datasets(splits: dict[str, Any], context: str, digests: dict[str, str]) -> dict[str, Any]:
+    """Record each split (an `io.Split`) as an MLflow dataset input of the active run, and return them
+    by name. Its digest is the MD5 of its file, as in dvc.lock (`data_tags`), instead of MLflow's hash
+    of a copy of the arrays."""
     mlflow = mlflow_module()
     from mlflow.data.numpy_dataset import from_numpy
 
+    datasets = {}
     for name, split in splits.items():
-        dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}", digest=digests[name])
-        mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
+        datasets[name] = from_numpy(split.x, targets=split.y, name=f"mnist-{name}", digest=digests[name])
+        mlflow.log_input(datasets[name], context=f"{context}:{name}" if name != context else context)
+    return datasets
 
 
-
-def log_evaluation(scalars: dict[str, float], tags: dict[str, str], texts: dict[str, str], report: dict) -> None:
-    """The test metrics (`test_<name>`), tags, text artifacts by path and the classification report, into
-    the active run."""
+def log_evaluation(
+    scalars: dict[str, float], tags: dict[str, str], texts: dict[str, str], report: dict, dataset: Any
+) -> None:
+    """The test metrics (`test_<name>`), linked to the run's model with the dataset (an MLflow Dataset)
+    they were measured on; tags, text artifacts by path and the classification report, into the active
+    run."""
     mlflow = mlflow_module()
     mlflow.set_tags(tags)
-    mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()})
+    model_id = logged_model_id(mlflow.active_run().info.run_id)
+    mlflow.log_metrics({f"test_{key}": value for key, value in scalars.items()}, model_id=model_id, dataset=dataset)
     for path, text in texts.items():
         mlflow.log_text(text, path)
     mlflow.log_dict(report, "evaluation/classification_report.json")

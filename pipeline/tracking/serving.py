@@ -2,7 +2,8 @@
 
 MLflow logs this file as the model's code ("models from code": no pickle) beside the network's `.keras`
 file, and runs it wherever the model is loaded: `mlflow models serve`, `mlflow.pyfunc.load_model`,
-`mnist-predict`. So it is self-contained: numpy, Keras and MLflow only, nothing of the `pipeline` package.
+`mnist-predict`. So it is self-contained: numpy, Keras and MLflow, and pipeline/quiet.py (standard library
+only) logged beside it, nothing else of the `pipeline` package.
 
 MLflow's scoring server checks a request against the signature (float32 rows of 784 values) but not
 the values: NaN, infinity, `"NaN"` and 1e300 (infinity in float32) would each get ten NaN
@@ -19,14 +20,22 @@ from typing import Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.models import set_model
+from mlflow.models import ModelSignature, set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
+from mlflow.types import Schema, TensorSpec
 
 PIXELS = 784  # 28x28, flattened
 MAX_ROWS = 1000  # per request, unless MAX_ROWS_VARIABLE says otherwise
 MAX_ROWS_VARIABLE = "PIPELINE_SERVING_MAX_ROWS"
+INPUT = "pixels"  # the signature's name of the input
 NETWORK = "network"  # the artifact: the network with its softmax head, a .keras file
+DESCRIPTION = (
+    "The batch-normalized multilayer perceptron of mnist-bn-pipeline. Input `pixels`: float32 rows of "
+    f"{PIXELS} values, a 28x28 digit in row-major order (row by row from the top), white on black as in "
+    "MNIST, grey level / 255 in [0, 1]. Output `probabilities`: float32 rows of 10, the probability of each "
+    "digit 0-9; each row sums to 1."
+)
 EXPECTED = f"each row must be {PIXELS} finite pixel values in [0, 1] (a 28x28 digit's grey levels / 255)"
 
 
@@ -64,6 +73,13 @@ def checked_rows(model_input: Any, max_rows: int) -> np.ndarray:
     return x
 
 
+def signature() -> ModelSignature:
+    """What goes in and what comes out, by name: `pixels` (n, 784) -> `probabilities` (n, 10), float32."""
+    pixels = TensorSpec(np.dtype(np.float32), (-1, PIXELS), INPUT)
+    probabilities = TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")
+    return ModelSignature(inputs=Schema([pixels]), outputs=Schema([probabilities]))
+
+
 def max_rows() -> int:
     """The row limit of this server: `PIPELINE_SERVING_MAX_ROWS` if set, else `MAX_ROWS`."""
     text = os.environ.get(MAX_ROWS_VARIABLE, "").strip()
@@ -78,15 +94,21 @@ class DigitClassifier(PythonModel):
     """Rows of 784 pixels in [0, 1] -> ten class probabilities per row."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import keras
+        # pipeline/quiet.py, logged beside this file (`code_paths`): TensorFlow's start-up noise filtered
+        import quiet
 
-        # Keras' safe mode: a stored lambda (code) in the file is refused, never executed
-        self.network = keras.saving.load_model(context.artifacts[NETWORK], compile=False, safe_mode=True)
+        with quiet.tensorflow_start():
+            import keras
+
+            # Keras' safe mode: a stored lambda (code) in the file is refused, never executed
+            self.network = keras.saving.load_model(context.artifacts[NETWORK], compile=False, safe_mode=True)
         self.max_rows = max_rows()
 
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
+        if isinstance(model_input, dict):  # the signature's named input, as MLflow passes a JSON request's
+            model_input = model_input[INPUT]
         x = checked_rows(model_input, self.max_rows)
         return np.asarray(self.network(x, training=False))
 
