@@ -463,7 +463,10 @@ def test_ctrl_c_at_the_terminal_is_one_line_for_the_search(workspace: Path, tune
 
         def filtering() -> bool:
             with contextlib.suppress(psutil.Error):  # a child that ended while it was looked at
-                return any("pass_through" in " ".join(child.cmdline()) for child in worker.children())
+                return any(
+                    "pass_through" in " ".join(child.cmdline()) and time.time() - child.create_time() > 1.0
+                    for child in worker.children()
+                )  # a filter past its start-up, reading lines
             return False
 
         wait_for(filtering, "the stderr filter's process", 120, process=process, every=0.05)
