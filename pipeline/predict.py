@@ -32,11 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import quiet, tracking
 from pipeline.cli import ArgumentParser
+from pipeline.config import CLASSES, SIDE
 from pipeline.errors import DataError, escaped, report, run_stage
 
 DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
-SIDE = 28  # the MNIST canvas
-CENTRE = 14  # the row and column of the centre of mass of MNIST digits
+CENTRE = SIDE // 2  # the row and column of the centre of mass of MNIST digits
 BOX = 20  # MNIST scales each digit to fit 20x20, leaving a 4 px margin for the centre-of-mass shift
 MIN_CONTRAST = 32  # grey levels between paper and ink below which we call the image blank
 INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper noise) for the crop
@@ -55,7 +55,7 @@ Prediction = tuple[Path, int, float]
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
-    """Any image of one digit -> the 784 float32 values in [0, 1] that MNIST would hold for it."""
+    """Any image of one digit -> the `PIXELS` float32 values in [0, 1] that MNIST would hold for it."""
     image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # drawing apps export dark strokes on a transparent background: put them on white paper
@@ -226,7 +226,7 @@ def load_mlflow(uri: str) -> Classifier:
 
 
 def load_model(uri: str) -> Classifier:
-    """A function from (n, 784) float32 pixels to (n, 10) class probabilities."""
+    """A function from (n, `PIXELS`) float32 pixels to (n, `CLASSES`) class probabilities."""
     return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
 
 
@@ -253,8 +253,8 @@ def classify(
     if not readable:
         return []
     probabilities = load_model(model_uri)(np.stack(images))
-    if probabilities.shape != (len(readable), 10):
-        raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
+    if probabilities.shape != (len(readable), CLASSES):
+        raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not {CLASSES} classes per image.")
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
 
 

@@ -10,7 +10,6 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import io, lineage, quiet, timing
@@ -40,10 +39,7 @@ def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
     with tqdm(total=epochs, desc="train", unit="epoch", disable=None, file=sys.stderr) as bar:
 
         def report(result: EpochResult) -> None:
-            figures = (
-                f"loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} "
-                f"val_loss {result.val_loss:.4f} val_acc {result.val_accuracy:.4f}"
-            )
+            figures = " ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
             if bar.disable:
                 log.info("epoch %d/%d: %s", result.epoch, epochs, figures)
             else:
@@ -55,21 +51,15 @@ def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
 
 def history_csv(history: list[EpochResult]) -> str:
     """Per-epoch learning curves in the CSV form `dvc plots` reads."""
-    fields = list(asdict(history[0]))
-    rows = [",".join(fields)] + [
-        ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(r).values()) for r in history
-    ]
+    rows = [",".join(["epoch", *history[0].metrics])]
+    rows += [",".join([str(r.epoch), *(f"{value:.6g}" for value in r.metrics.values())]) for r in history]
     return "\n".join(rows) + "\n"
 
 
 def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
     """metrics/train.json: the last epoch's figures, the time, and the MLflow run that holds the rest."""
-    final = fitted.history[-1]
     return {
-        "val_accuracy": final.val_accuracy,
-        "val_loss": final.val_loss,
-        "train_accuracy": final.train_accuracy,
-        "train_loss": final.train_loss,
+        **fitted.history[-1].metrics,
         "epochs": len(fitted.history),
         "train_seconds": round(fitted.train_seconds, 3),
         "mlflow_run_id": run_id,
@@ -113,11 +103,11 @@ def train(params: Params) -> Fitted:
             "trained %d epochs in %.2f s: val_accuracy %.4f",
             params.train.epochs,
             fitted.train_seconds,
-            fitted.history[-1].val_accuracy,
+            fitted.history[-1].metrics["val_accuracy"],
         )
         with timing.phase("plots and outputs"):
             curves = history_csv(fitted.history)
-            figure = plots.png(plots.learning_curves([asdict(result) for result in fitted.history]))
+            figure = plots.png(plots.learning_curves([{"epoch": r.epoch, **r.metrics} for r in fitted.history]))
             # Written to temporary files first, so a full disk fails here, before anything is registered.
             out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
             out.write_bytes(CURVES_FILE, figure)
@@ -128,7 +118,7 @@ def train(params: Params) -> Fitted:
             tracking.log_training(fitted.train_seconds, files)
         with timing.phase("MLflow: log and register the model"):
             version = tracking.log_model(fitted.model, validation.x[:5])
-            champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
+            champion = tracking.promote_if_better(run_id, fitted.history[-1].metrics["val_accuracy"])
     log.info(
         "registered as version %s of %s%s",
         version,
