@@ -75,7 +75,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     runtime.import_tensorflow(REPO)
-    variants = {"mlp, XLA": ("mlp", False), "mlp, plain graph": ("mlp", True), "convnet, plain graph": ("convnet", True)}
+    variants = {
+        "mlp, XLA": ("mlp", False),
+        "mlp, plain graph": ("mlp", True),
+        "convnet, plain graph": ("convnet", True),
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (network, plain) in variants.items():

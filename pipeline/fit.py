@@ -173,7 +173,11 @@ class Trainer:
             metric.update_state(labels, logits)
 
     def _results(self) -> dict[str, Any]:
-        return {metric.name: metric.result() for metric in self.metrics}
+        """Each metric's value, then the metrics reset (in the graph, in that order) for the next pass."""
+        results = {metric.name: metric.result() for metric in self.metrics}
+        for metric in self.metrics:
+            metric.reset_state()
+        return results
 
     def _step(self, idx: Any) -> None:
         import tensorflow as tf
@@ -214,11 +218,8 @@ class Trainer:
             return self._epoch(permutation)
         except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as error:
             if self._epoch is not self._plain_epoch and not int(self.optimizer.iterations):
-                reason = _first_line(error)
-                log.info("XLA cannot compile this network (%s): training without XLA, still deterministic", reason)
+                log.info("XLA cannot compile this network (%s): training without XLA", _first_line(error))
                 self._epoch = self._plain_epoch
-                for metric in self.metrics:
-                    metric.reset_state()
                 return self._train(permutation)
             if isinstance(error, tf.errors.UnimplementedError):
                 raise PipelineError(
@@ -229,19 +230,9 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> EpochResult:
         """One pass over a fresh permutation of the training set, then validation."""
-        permutation = self.rng.permutation(self.n).astype(np.int32)
-        for metric in self.metrics:
-            metric.reset_state()
-        train = self._train(permutation)
-        for metric in self.metrics:
-            metric.reset_state()
-        val = self._validate()
-        figures = {
-            f"{split}_{name}": float(value)
-            for split, results in (("train", train), ("val", val))
-            for name, value in results.items()
-        }
-        return EpochResult(epoch, figures)
+        train, val = self._train(self.rng.permutation(self.n).astype(np.int32)), self._validate()
+        figures = {f"train_{name}": value for name, value in train.items()} | {f"val_{n}": v for n, v in val.items()}
+        return EpochResult(epoch, {name: float(value) for name, value in figures.items()})
 
 
 def as_tensor(array: np.ndarray) -> Any:

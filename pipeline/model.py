@@ -56,17 +56,11 @@ def build_model(params: ModelParams) -> keras.Model:
 
 def network(params: ModelParams) -> keras.Model:
     """`build_model`'s network, fed the rows of `PIXELS` that the data and the served model hold: one that
-    declares another input shape (`IMAGE`) gets a Reshape in front; one that does not output `CLASSES`
-    logits per image is refused with one line."""
+    declares another input shape (`IMAGE`) gets a Reshape in front."""
     import keras
 
     model = build_model(params)
     inner = tuple(model.input_shape[1:])
-    if math.prod(inner) != PIXELS or tuple(model.output_shape[1:]) != (CLASSES,):
-        raise ConfigError(
-            f"the network of pipeline/model.py build_model takes {inner} and outputs {tuple(model.output_shape[1:])} "
-            f"per image; it must take {PIXELS} pixels (any shape of that size) and output {CLASSES} logits."
-        )
     if inner == (PIXELS,):
         return model
     rows = keras.Input(shape=(PIXELS,), name="pixels")
@@ -76,7 +70,8 @@ def network(params: ModelParams) -> keras.Model:
 def _shape_only(params: ModelParams) -> keras.Model:
     """The network with the shapes of its weights but none of their memory: built inside a
     `keras.StatelessScope` in a thread of its own, since Keras keeps the weights it has yet to create per
-    thread (and would create them at the next symbolic call of this one)."""
+    thread (and would create them at the next symbolic call of this one). One whose input is not
+    `PIXELS` values or whose output is not `CLASSES` logits per image is refused with one line."""
     import keras
 
     def build() -> keras.Model:
@@ -84,7 +79,14 @@ def _shape_only(params: ModelParams) -> keras.Model:
             return build_model(params)
 
     with ThreadPoolExecutor(1) as thread:
-        return thread.submit(build).result()
+        probe = thread.submit(build).result()
+    takes, gives = tuple(probe.input_shape[1:]), tuple(probe.output_shape[1:])
+    if math.prod(takes) != PIXELS or gives != (CLASSES,):
+        raise ConfigError(
+            f"the network of pipeline/model.py build_model takes {takes} and outputs {gives} per image; it must "
+            f"take {PIXELS} pixels (any shape of that size) and output {CLASSES} logits."
+        )
+    return probe
 
 
 def parameter_count(params: ModelParams) -> int:

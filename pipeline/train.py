@@ -26,7 +26,6 @@ from pipeline.config import (
 )
 from pipeline.errors import run_stage
 from pipeline.fit import EpochResult, Fitted, fit
-from pipeline.model import check_fits_in_memory
 
 log = logging.getLogger("pipeline.train")
 
@@ -68,12 +67,12 @@ def summary(fitted: Fitted, run_id: str) -> dict[str, object]:
 
 def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
-    check_fits_in_memory(params.model, params.train.batch_size)  # before the slow imports and any run
     with timing.phase("import TensorFlow and MLflow"):
         from pipeline import model, plots, runtime, tracking
 
         runtime.import_tensorflow(project_root())  # first, so that its start-up noise is filtered
         tracking.mlflow_module()  # here, so that the phases below time work, not imports
+    model.check_fits_in_memory(params.model, params.train.batch_size)  # the network's size, before any run
     with timing.phase("load data, lineage tags"):
         data_files = {split: prepared_file(split) for split in ("train", "validation")}
         train_set, validation = (io.load_split(path) for path in data_files.values())

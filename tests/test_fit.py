@@ -3,6 +3,8 @@ beyond the tutorial, and divergence stopping the training."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,7 +13,7 @@ from workspace import REPO
 
 from pipeline.config import ModelParams, TrainParams, load_params
 from pipeline.errors import DivergedError, ResourceError
-from pipeline.fit import EpochResult, batch_layout, fit, shift_images
+from pipeline.fit import EpochResult, batch_layout, epoch_metrics, fit, shift_images
 from pipeline.io import Split
 
 DEFAULTS = load_params(REPO / "params.yaml")
@@ -178,3 +180,29 @@ def test_a_network_larger_than_memory_is_refused_before_building() -> None:
     huge = MODEL.model_copy(update={"hidden_units": [100_000, 100_000]})
     with pytest.raises(ResourceError, match=r"needs about \d+\.\d GB .* GB free; use fewer or smaller hidden layers"):
         fit(huge, TRAIN, blobs(100, 1), blobs(10, 2))
+
+
+def test_a_network_xla_refuses_trains_without_it_deterministically(
+    even: tuple[Split, Split], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Max pooling has no deterministic gradient in XLA: the same training runs as a plain graph."""
+    from test_model import small_convnet
+
+    from pipeline import model
+
+    monkeypatch.setattr(model, "build_model", small_convnet)
+    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
+        first, results = train_weights(TRAIN, *even)
+    assert "training without XLA" in caplog.text
+    second, again = train_weights(TRAIN, *even)
+    assert results == again
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+    assert results[-1].metrics["val_accuracy"] > 0.9
+
+
+def test_every_epoch_reports_the_loss_and_each_metric_for_both_sets(
+    baseline: tuple[list[np.ndarray], list[EpochResult]],
+) -> None:
+    _, results = baseline
+    names = ["loss", *(metric.name for metric in epoch_metrics())]
+    assert list(results[0].metrics) == [f"train_{n}" for n in names] + [f"val_{n}" for n in names]
