@@ -166,7 +166,8 @@ def log_params(flat: dict[str, Any]) -> None:
 
 
 def log_files(files: dict[Path, bytes | str]) -> None:
-    """Artifacts of the active run, each under its path in the repository (`plots/confusion.png`)."""
+    """Artifacts of the active run, by file name at the run's artifact root (`confusion.png`): MLflow's
+    page comparing runs shows side by side only the files there."""
     mlflow = mlflow_module()
     with tempfile.TemporaryDirectory() as folder:
         for path, content in files.items():
@@ -175,7 +176,7 @@ def log_files(files: dict[Path, bytes | str]) -> None:
                 local.write_text(content, encoding="utf-8")
             else:
                 local.write_bytes(content)
-            mlflow.log_artifact(str(local), artifact_path=path.parent.as_posix())
+            mlflow.log_artifact(str(local))
 
 
 @contextmanager
