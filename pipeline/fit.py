@@ -276,9 +276,8 @@ def fit(
 
     Raises `DivergedError` at the first epoch whose loss is not finite.
     """
-    from pipeline.model import check_fits_in_memory, network
+    from pipeline.model import network
 
-    check_fits_in_memory(model_params, train_params.batch_size)
     with timing.phase("build the network, trace the graphs"):
         seed_everything(train_params.seed)
         model = network(model_params)

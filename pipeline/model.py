@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 
 from pipeline.config import CLASSES, MODEL_FILE, PIXELS, ModelParams
 from pipeline.errors import ConfigError, DataError, ResourceError
@@ -94,17 +94,6 @@ def parameter_count(params: ModelParams) -> int:
     return int(_shape_only(params).count_params())
 
 
-def available_memory() -> int:
-    """Bytes of memory that can be had without swapping (Linux's MemAvailable; elsewhere free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -> None:
     """Fail before building a network whose training cannot fit in this machine's free memory.
 
@@ -118,7 +107,7 @@ def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -
     weights = probe.count_params()
     outputs = sum(math.prod(out.shape[1:]) for layer in probe.layers for out in keras.tree.flatten(layer.output))
     needed = 4 * ((2 + slots) * weights + 2 * batch_size * outputs)
-    available = available_memory()
+    available = psutil.virtual_memory().available  # what can be had without swapping (Linux's MemAvailable)
     if needed > available:
         raise ResourceError(
             f"the network needs about {needed / 1e9:.1f} GB to train ({weights:,} weights), but this machine has "

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelParams
-from pipeline.errors import ConfigError, DataError
-from pipeline.model import build_model, canonical_ids, load, parameter_count, probabilities, save, with_softmax
+from pipeline.errors import ConfigError, DataError, ResourceError
+from pipeline.model import (
+    build_model,
+    canonical_ids,
+    check_fits_in_memory,
+    load,
+    parameter_count,
+    probabilities,
+    save,
+    with_softmax,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -209,3 +218,11 @@ def test_counting_a_large_network_takes_no_memory_for_its_weights() -> None:
     inputs = keras.Input(shape=(8,))
     keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
     assert process.memory_info().rss - before < 500e6
+
+
+def test_a_network_larger_than_memory_is_refused_before_building() -> None:
+    """The train stage (before its MLflow run) and each search trial (before `fit`) run this check."""
+    huge = REFERENCE.model_copy(update={"hidden_units": [100_000, 100_000]})
+    with pytest.raises(ResourceError, match=r"needs about \d+\.\d GB .* GB free; use fewer or smaller hidden layers"):
+        check_fits_in_memory(huge, batch_size=50)
+    check_fits_in_memory(REFERENCE, batch_size=50)  # the reference network passes

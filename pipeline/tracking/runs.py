@@ -32,7 +32,7 @@ SYSTEM_METRICS_SECONDS = 1.0
 
 
 def process_tags() -> dict[str, str]:
-    """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
+    """`host`, `pid` and `pid_start` (`processes.start`) of this process."""
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if start := processes.start(os.getpid()):
         tags[PID_START_TAG] = start
