@@ -25,7 +25,8 @@ def store_file(store: str) -> Path:
 
 
 def epoch(n: int) -> EpochResult:
-    return EpochResult(n, train_loss=1 / n, train_accuracy=0.5 + n / 100, val_loss=1.1 / n, val_accuracy=0.5 + n / 99)
+    figures = {"train_loss": 1 / n, "train_accuracy": 0.5 + n / 100, "val_loss": 1.1 / n, "val_accuracy": 0.5 + n / 99}
+    return EpochResult(n, figures)
 
 
 def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:
@@ -44,7 +45,7 @@ def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path)
             assert watcher.get_run(run_id).info.status == "RUNNING"
     assert stored_epochs(watcher, run_id) == list(range(1, EPOCHS + 1))
     stored = watcher.get_metric_history(run_id, "train_loss")
-    assert [m.value for m in stored] == [epoch(n).train_loss for n in range(1, EPOCHS + 1)]
+    assert [m.value for m in stored] == [epoch(n).metrics["train_loss"] for n in range(1, EPOCHS + 1)]
     assert [m.timestamp for m in stored] == sorted(m.timestamp for m in stored)  # stamped as each epoch ended
 
 

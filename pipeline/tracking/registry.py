@@ -138,6 +138,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     from mlflow import MlflowClient
 
     from pipeline import quiet
+    from pipeline.config import CLASSES, PIXELS, SIDE
     from pipeline.model import save, with_softmax
     from pipeline.tracking import serving
 
@@ -154,7 +155,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
                 python_model=Path(serving.__file__),
                 code_paths=[str(Path(quiet.__file__))],  # serving.py quiets TensorFlow with it
                 artifacts={serving.NETWORK: str(network)},
-                signature=serving.signature(),
+                signature=serving.signature(PIXELS, CLASSES),
                 input_example=example,
                 registered_model_name=REGISTERED_MODEL,
                 # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
@@ -165,7 +166,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
                 step=-1,
             )
     client = MlflowClient()
-    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.DESCRIPTION})
+    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.description(SIDE, CLASSES)})
     link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
     version = str(info.registered_model_version)
     client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed))

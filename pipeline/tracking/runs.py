@@ -13,7 +13,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +203,7 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
         if in_flight:
             _written(in_flight.pop())
         stamp = int(time.time() * 1000)
-        metrics = [Metric(key, value, stamp, result.epoch) for key, value in asdict(result).items() if key != "epoch"]
+        metrics = [Metric(key, value, stamp, result.epoch) for key, value in result.metrics.items()]
         in_flight.append(client.log_batch(run_id, metrics=metrics, synchronous=False))
 
     yield send
@@ -227,12 +226,7 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
     now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, value, now, result.epoch)
-        for result in history
-        for key, value in asdict(result).items()
-        if key != "epoch"
-    ]
+    metrics = [Metric(key, value, now, result.epoch) for result in history for key, value in result.metrics.items()]
     client = MlflowClient()
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])

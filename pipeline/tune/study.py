@@ -240,9 +240,9 @@ def make_objective(
         def on_epoch(result: EpochResult) -> None:
             with tracking.store_errors(f"logging epoch {result.epoch} of trial {trial.number}", STORE_FIX):
                 tracking.log_history(run_id, [result])
-            trial.report(result.val_accuracy, result.epoch)
+            trial.report(result.metrics["val_accuracy"], result.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val_accuracy {result.val_accuracy:.4f} at epoch {result.epoch}")
+                raise optuna.TrialPruned(f"val_accuracy {result.metrics['val_accuracy']:.4f} at epoch {result.epoch}")
 
         try:
             params = trial_params(base, space, trial)
@@ -256,7 +256,7 @@ def make_objective(
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, metrics={"train_seconds": fitted.train_seconds})
             status, state = "FINISHED", "COMPLETE"
-            return fitted.history[-1].val_accuracy
+            return fitted.history[-1].metrics["val_accuracy"]
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"
             raise
