@@ -4,6 +4,7 @@ loading a registered model for `mnist-predict`."""
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 from collections.abc import Callable
 from io import StringIO
@@ -27,7 +28,7 @@ def _version_of(run_id: str) -> Any | None:
 
 
 def _best_version(client: Any) -> str | None:
-    """The version with the highest `val_accuracy` tag, the earliest of equals (None if none has one)."""
+    """The version with the highest finite `val_accuracy` tag, the earliest of equals (None if none has one)."""
     best: tuple[float, int] | None = None
     token = None
     while True:
@@ -36,6 +37,8 @@ def _best_version(client: Any) -> str | None:
             try:
                 key = (float(found.tags[VAL_ACCURACY]), -int(found.version))
             except (KeyError, ValueError):  # not tagged (yet), or a tag written by hand
+                continue
+            if not math.isfinite(key[0]):  # `nan` compares false both ways, `inf` beats every real accuracy
                 continue
             best = key if best is None or key > best else best
         token = page.token
