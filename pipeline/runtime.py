@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline import quiet
 from pipeline.config import XLA_CACHE_DIR
-from pipeline.errors import PipelineError, ResourceError
+from pipeline.errors import PipelineError, ResourceError, first_line
 
 # Keras imports these at start-up only for integrations the pipeline never uses (DataFrame inputs,
 # image galleries, scikit-learn wrappers), each inside `try: ... except ImportError`. Hidden while
@@ -149,11 +149,6 @@ def _remove_damaged(folder: Path, named: Path | None) -> list[Path]:
     return damaged
 
 
-def _first_line(error: Any) -> str:
-    message = (error.message or "").strip()
-    return message.splitlines()[0] if message else type(error).__name__
-
-
 @contextlib.contextmanager
 def cache_errors_explained() -> Iterator[None]:
     """TensorFlow's errors of a compiled training, told apart: a damaged cache entry is removed (only
@@ -164,7 +159,7 @@ def cache_errors_explained() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as error:
-        reason, folder = _first_line(error), _cache_dir
+        reason, folder = first_line(error), _cache_dir
         if "No space left on device" in (error.message or ""):
             where = f"the XLA compilation cache in {folder}" if folder else "TensorFlow's files"
             raise ResourceError(f"no space left on the device to write {where}; free some space, run again.") from None

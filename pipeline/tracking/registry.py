@@ -11,9 +11,9 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, first_line
 from pipeline.secrets import redacted
-from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
+from pipeline.tracking.store import mlflow_module, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"

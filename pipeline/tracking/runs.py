@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import processes, quiet
-from pipeline.errors import Terminated, TrackingError
-from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
+from pipeline.errors import Terminated, TrackingError, first_line
+from pipeline.tracking.store import connect, failure, mlflow_module, shown_store, store_errors, store_failures
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -93,15 +93,19 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
 
     experiment_id = connect()
     mlflow = mlflow_module()
-    end_orphaned_runs(experiment_id)
     tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
     client = mlflow.MlflowClient()
-    earlier = client.get_run(run_id).info.status if run_id else None
-    if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
-        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-    active = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
-    )
+    with store_errors("starting the run", after="Nothing was changed"):
+        end_orphaned_runs(experiment_id)
+        earlier = client.get_run(run_id).info.status if run_id else None
+        if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        active = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            tags=None if run_id else tags,
+            **start_kwargs,
+        )
 
     def end(status: str, reason: str) -> bool:
         """End the run as `status` (a resumed one as it was); False if the store failed that too."""
@@ -251,7 +255,6 @@ def log_datasets(splits: dict[str, Any], context: str, digests: dict[str, str]) 
     for name, split in splits.items():
         dataset = from_numpy(split.x, targets=split.y, name=f"mnist-{name}", digest=digests[name])
         mlflow.log_input(dataset, context=f"{context}:{name}" if name != context else context)
-
 
 
 def log_evaluation(scalars: dict[str, float], tags: dict[str, str], texts: dict[str, str], report: dict) -> None:
