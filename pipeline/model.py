@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from itertools import pairwise
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import MODEL_FILE, ModelParams
-from pipeline.errors import DataError, ResourceError
+from pipeline.errors import DataError, ResourceError, chain
 
 if TYPE_CHECKING:
     import keras
@@ -137,11 +138,24 @@ def load(path: Path = MODEL_FILE) -> keras.Model:
     import keras
 
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
+            warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged zip or config
+        if holds_code(error):
+            raise DataError(f"{path} {HOLDS_CODE}; use a model trained by `dvc repro train`.") from None
         raise DataError(
             f"{path} cannot be loaded ({type(error).__name__}); run `dvc repro -f train` to rebuild it."
         ) from None
+
+
+HOLDS_CODE = "holds code (a Lambda layer or another stored Python function), which the pipeline never runs"
+
+
+def holds_code(error: BaseException) -> bool:
+    """Whether Keras' safe mode refused to load a model because it holds code (its errors all say how to
+    allow it: `safe_mode=False`)."""
+    return any("safe_mode=False" in str(found) for found in chain(error))
 
 
 def probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:

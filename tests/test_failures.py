@@ -208,6 +208,45 @@ def test_unreachable_tracking_server_fails_fast_before_training(repo: Path) -> N
     assert elapsed < 30  # seconds: interpreter and TensorFlow start-up, then one refused connection
 
 
+def test_a_server_that_stops_answering_mid_training_is_said_within_a_minute(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real `mlflow server` paused after epoch 3 (SIGSTOP: its socket still accepts connections and
+    nothing answers, as on a paused host): one line within about a minute, no urllib3 retry lines, the
+    outputs as they were; the run, which nothing could end, is ended by the next run on this host."""
+    from test_server import server_process
+
+    from pipeline import tracking
+
+    set_params(repo, train__epochs=500)
+    before = snapshot(repo)
+    with server_process(tmp_path, ENV) as (url, server):
+        env = ENV | {"MLFLOW_TRACKING_URI": url}
+        command = [sys.executable, "-m", "pipeline.train"]
+        with started(command, cwd=repo, env=env, stderr=subprocess.PIPE) as process:
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if line.startswith("epoch 3/"):
+                    break
+            os.killpg(server.popen.pid, signal.SIGSTOP)
+            paused = time.monotonic()
+            try:
+                stderr = "".join(lines) + process.stderr.read()
+                code = process.wait(timeout=300)
+                noticed = time.monotonic() - paused
+            finally:
+                os.killpg(server.popen.pid, signal.SIGCONT)
+        print(f"said {noticed:.0f} s after the server stopped answering")
+        assert_failed_cleanly(repo, before, code, stderr, url, "did not answer (timed out)")
+        assert "Retrying" not in stderr and "urllib3" not in stderr, stderr
+        assert noticed < 90
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        ended = tracking.end_orphaned_runs(tracking.connect())  # what the next run on this host does first
+        runs = MlflowClient(tracking_uri=url).search_runs([tracking.connect()])
+        assert [r.info.status for r in runs] == ["KILLED"] and [r.info.run_id for r in runs] == ended
+
+
 @contextmanager
 def broken_artifact_store(repo: Path) -> Iterator[None]:
     """`mlartifacts/` replaced by a plain file: the database works, every artifact upload fails."""
@@ -385,9 +424,7 @@ def test_a_store_locked_for_a_while_is_waited_for_and_said(repo: Path) -> None:
 
 
 @pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
-def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(
-    repo: Path, verbose: str
-) -> None:
+def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(repo: Path, verbose: str) -> None:
     set_params(repo, train__seed=13)
     before = snapshot(repo)
     command = [sys.executable, "-m", "pipeline.train"]

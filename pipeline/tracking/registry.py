@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+import warnings
 from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TrackingError, first_line
+from pipeline.model import HOLDS_CODE, holds_code
 from pipeline.secrets import redacted
 from pipeline.tracking.store import mlflow_module, sqlite_path, tracking_uri
 
@@ -152,8 +154,14 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> Any:
     mlflow.set_registry_uri(store)
     before_load()
     try:
-        return mlflow.pyfunc.load_model(uri)
+        with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
+            warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
+            return mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
+        if holds_code(error):
+            raise TrackingError(
+                f"the model {redacted(uri)} {HOLDS_CODE}; use one that `dvc repro` registered."
+            ) from None
         raise TrackingError(
             f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "
             "train and register one, or pass --model with another URI or a .keras file."

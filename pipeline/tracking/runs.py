@@ -19,7 +19,15 @@ from typing import Any
 
 from pipeline import processes, quiet
 from pipeline.errors import Terminated, TrackingError, first_line
-from pipeline.tracking.store import connect, failure, mlflow_module, shown_store, store_errors, store_failures
+from pipeline.tracking.store import (
+    connect,
+    failure,
+    mlflow_module,
+    quick_requests,
+    shown_store,
+    store_errors,
+    store_failures,
+)
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -125,7 +133,9 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     except store_failures() as error:
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
         after = "The previous outputs were left as they were"
-        if not end("FAILED", first_line(error)) and not earlier:
+        with quick_requests(error):
+            ended = end("FAILED", first_line(error))
+        if not ended and not earlier:
             after += f"; the run could not be ended either: the next run on {socket.gethostname()} marks it KILLED"
         raise TrackingError(failure("recording the run", error, after=after)) from None
 
@@ -161,8 +171,11 @@ def system_metrics(run_id: str) -> Iterator[None]:
     monitor.start()
     try:
         yield
-    finally:
-        monitor.finish()  # stops the sampling and sends what it holds, before the run ends
+    except BaseException as error:
+        with quick_requests(error):
+            monitor.finish()
+        raise
+    monitor.finish()  # stops the sampling and sends what it holds, before the run ends
 
 
 def log_params(flat: dict[str, Any]) -> None:

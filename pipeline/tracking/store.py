@@ -9,6 +9,7 @@ directly); messages show it without its password (`secrets.redacted`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ _SQLITE_TIMEOUT = 60
 # no "View run at <server URL>" lines on stdout (they print the URL as given, password included).
 _SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",  # a server that stopped answering is said within a minute
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
@@ -54,9 +55,30 @@ def mlflow_module() -> ModuleType:
     """`mlflow`, imported with the pipeline's settings (a user's own environment variables win)."""
     for name, value in {**_SETTINGS, **({} if quiet.VERBOSE else {"MLFLOW_LOGGING_LEVEL": "WARNING"})}.items():
         os.environ.setdefault(name, value)
+    if not quiet.VERBOSE:  # urllib3's "Retrying (Retry(total=1, ...))" lines: the error line says what failed
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     import mlflow
 
     return mlflow
+
+
+@contextmanager
+def quick_requests(error: BaseException) -> Iterator[None]:
+    """For the cleanup after `error` (ending the run, sending what is left): if the store stopped
+    answering (`unavailable`), one attempt of a few seconds per request, not every retry again."""
+    if not unavailable(error):
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def store_failures() -> tuple[type[BaseException], ...]:
@@ -124,6 +146,8 @@ def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = 
         text = f"{what} in the MLflow store {shown_store()} was refused: {why}"
     elif db_file and found and (problem := sqlite.problem(db_file, found)):
         text = f"{what} failed: {problem}"
+    elif (away := unavailable(error)) and not db_file:
+        text = f"{what} in the MLflow store {shown_store()} failed: it did not answer ({away}); {fix}"
     else:
         text = f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}"
     return f"{text}." + (f" {after}." if after else "")
