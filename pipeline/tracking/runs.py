@@ -38,6 +38,7 @@ HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
 # second on a long one (MLflow's default, 10 s, leaves most trainings here with none).
 # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_SECONDS = 1.0
+PARAMS_ARTIFACT = "params.json"  # every parameter exactly, where one is longer than MLflow keeps
 
 
 def process_tags() -> dict[str, str]:
@@ -179,8 +180,8 @@ def system_metrics(run_id: str) -> Iterator[None]:
 
 
 def log_params(flat: dict[str, Any]) -> None:
-    """Every params.yaml value of the active run, as `section.key`."""
-    mlflow_module().log_params(flat)
+    """Every params.yaml value of the active run, as `section.key` (`log_run`)."""
+    log_run(mlflow_module().active_run().info.run_id, params=flat)
 
 
 def log_files(files: dict[Path, bytes | str]) -> None:
@@ -313,15 +314,24 @@ def log_run(
     step: int = 0,
 ) -> None:
     """Parameters (as `mlflow.log_params` writes them: `str(value)`), metrics at `step` and tags of a
-    run, in one request."""
+    run, in one request. A value longer than MLflow keeps is cut, saying so, and the exact values go to
+    the run's artifact PARAMS_ARTIFACT (MLflow would cut it silently but for a warning)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     now = int(time.time() * 1000)
+    texts = {key: str(value) for key, value in (params or {}).items()}
+    cut = f" ... (cut: the whole value is in the artifact {PARAMS_ARTIFACT} of this run)"
+    if any(len(text) > MAX_PARAM_VAL_LENGTH for text in texts.values()):
+        MlflowClient().log_dict(run_id, params or {}, PARAMS_ARTIFACT)
     MlflowClient().log_batch(
         run_id,
         metrics=[Metric(key, value, now, step) for key, value in (metrics or {}).items()],
-        params=[Param(key, str(value)) for key, value in (params or {}).items()],
+        params=[
+            Param(key, text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(cut)] + cut)
+            for key, text in texts.items()
+        ],
         tags=[RunTag(key, value) for key, value in (tags or {}).items()],
     )
 
