@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 import zipfile
 from itertools import pairwise
@@ -36,6 +37,7 @@ def build_model(params: ModelParams) -> keras.Model:
     """Dense -> BatchNorm -> activation for each hidden layer, then dense logits."""
     import keras
 
+    deep_enough(4 * len(params.hidden_units) + 4)
     inputs = keras.Input(shape=(N_FEATURES,), name="pixels")
     x = inputs
     for i, units in enumerate(params.hidden_units, start=1):
@@ -50,6 +52,12 @@ def build_model(params: ModelParams) -> keras.Model:
             momentum=params.batch_norm_momentum, epsilon=BN_EPSILON, name="bn_logits"
         )(logits)
     return keras.Model(inputs, logits, name="mnist_bn_mlp")
+
+
+def deep_enough(layers: int) -> None:
+    """Keras walks a network's graph recursively (to build, save and load it), a frame or two per layer:
+    past a few hundred hidden layers Python's default limit of 1,000 frames ends in a RecursionError."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 4 * layers))
 
 
 def parameter_count(params: ModelParams) -> int:
@@ -138,6 +146,8 @@ def load(path: Path = MODEL_FILE) -> keras.Model:
     import keras
 
     try:
+        with zipfile.ZipFile(path) as archive:
+            deep_enough(archive.read("config.json").count(b'"class_name"'))
         with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
             warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
             return keras.saving.load_model(path, compile=False, safe_mode=True)

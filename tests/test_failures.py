@@ -247,6 +247,54 @@ def test_a_server_that_stops_answering_mid_training_is_said_within_a_minute(
         assert [r.info.status for r in runs] == ["KILLED"] and [r.info.run_id for r in runs] == ended
 
 
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{folder}/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+def test_a_user_who_may_only_read_is_told_which_permission_to_ask_for(repo: Path, tmp_path: Path) -> None:
+    """MLflow's own authentication (`mlflow server --app-name basic-auth`), a user with its default READ
+    permission on the experiment an admin created: the train stage and `mnist-tune` each say in one line
+    which user may not write and how to get the permission; nothing is written, no password shown."""
+    from test_server import server_process
+
+    (tmp_path / "auth.ini").write_text(AUTH_INI.format(folder=tmp_path))
+    admin = ("admin", "admin-Secret-1")
+    server_env = ENV | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-key-for-the-forms",
+    }
+    before = snapshot(repo)
+    with server_process(tmp_path, server_env, options=("--app-name", "basic-auth")) as (url, _):
+        as_admin = requests.Session()
+        as_admin.auth = admin
+        created = as_admin.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "mnist-batchnorm"})
+        user = {"username": "reader", "password": "reader-Secret-2"}
+        assert created.ok and as_admin.post(f"{url}/api/2.0/mlflow/users/create", json=user).ok
+        env = ENV | {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": user["username"],
+            "MLFLOW_TRACKING_PASSWORD": user["password"],
+        }
+        asked = "ask an admin of the server to grant reader EDIT on the experiment mnist-batchnorm"
+        done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env)
+        assert_failed_cleanly(repo, before, done.returncode, done.stderr, "user reader may not write there", asked)
+        tune = run("mnist-tune", "--study", "read-only", "--trials", "1", cwd=repo, env=env)
+        line = error_line(tune.stderr)
+        assert tune.returncode == 1 and "user reader may not write there" in line and asked in line, line
+        assert "check the store" not in line
+        for output in (done.stdout, done.stderr, tune.stdout, tune.stderr):
+            assert user["password"] not in output and admin[1] not in output
+        runs = as_admin.get(
+            f"{url}/api/2.0/mlflow/runs/search", json={"experiment_ids": [created.json()["experiment_id"]]}
+        )
+        assert runs.json().get("runs", []) == [], "the server holds no run of the refused user"
+
+
 @contextmanager
 def broken_artifact_store(repo: Path) -> Iterator[None]:
     """`mlartifacts/` replaced by a plain file: the database works, every artifact upload fails."""
