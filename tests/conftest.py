@@ -1,6 +1,6 @@
-"""Shared fixtures: the repository root, real local HTTPS servers trusted by `requests`, a real SQLite
-MLflow store per test, a real PostgreSQL server (tests/postgres.py); and quick XLA compilation for the
-trainings the tests run in their own process."""
+"""Shared fixtures: real local HTTPS servers trusted by `requests`, a real SQLite MLflow store per test,
+a real PostgreSQL server (tests/postgres.py); and quick XLA compilation for the trainings the tests run
+in their own process. The repository root is `workspace.REPO`."""
 
 from __future__ import annotations
 
@@ -17,15 +17,7 @@ from workspace import FAST_COMPILE
 # set before TensorFlow is imported; see workspace.FAST_COMPILE
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    """The repository root, wherever pytest was started from."""
-    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")

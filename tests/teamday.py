@@ -13,13 +13,12 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-import pytest
 import yaml
 from postgres import PostgresServer
 from test_tune import study_runs
@@ -222,15 +221,6 @@ def training(team: Team, worker: Worker) -> str | None:
         ):
             return tags["optuna.trial_number"]
     return None
-
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {seconds} s")
 
 
 def finished_so_far(team: Team) -> dict[str, object]:

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from workspace import REPO
 
 from pipeline.config import STAGE_OUTPUTS, DownloadParams, Params, load_params, project_root, validate_params
 from pipeline.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REPO_PARAMS = REPO_ROOT / "params.yaml"
+REPO_PARAMS = REPO / "params.yaml"
 
 
 def default_document() -> dict[str, Any]:
@@ -263,7 +263,7 @@ def test_stage_stops_with_one_line_and_leaves_outputs_alone(tmp_path: Path) -> N
     existing = tmp_path / "data" / "raw" / "train-images-idx3-ubyte"
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"an earlier, valid output")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.download"],

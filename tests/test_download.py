@@ -23,13 +23,13 @@ import yaml
 from https_server import HTTPSServer, Reply, closed_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from workspace import REPO
 
 from pipeline.config import MNIST_FILES, DownloadParams, validate_params
 from pipeline.download import BadFileError, Fetcher, decompress_and_verify, download_all, read_checksums
 from pipeline.errors import ConfigError, DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-OFFLINE = REPO_ROOT / "data" / "offline"
+OFFLINE = REPO / "data" / "offline"
 SUMS_FILE = OFFLINE / "SHA256SUMS"
 SUMS = read_checksums(SUMS_FILE)
 GZ = {name: (OFFLINE / f"{name}.gz").read_bytes() for name in MNIST_FILES}
@@ -180,7 +180,7 @@ def test_relative_local_folder_resolves_from_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """params.yaml says `data/offline/`; stages run from the repository root, checksums included."""
-    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.chdir(REPO)
     out_dir = tmp_path / "raw"
     served = download_all(download_params("data/offline/"), out_dir)  # default checksums: data/offline/SHA256SUMS
     assert set(served.values()) == {"data/offline/"}
@@ -189,7 +189,7 @@ def test_relative_local_folder_resolves_from_the_working_directory(
 
 def test_the_stage_runs_offline_end_to_end(tmp_path: Path) -> None:
     """`python -m pipeline.download` in a fresh folder: exit 0 and the four verified files in data/raw/."""
-    document = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    document = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     document["download"]["sources"] = [str(OFFLINE)]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
     (tmp_path / "data" / "offline").mkdir(parents=True)
@@ -197,7 +197,7 @@ def test_the_stage_runs_offline_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.download"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -447,7 +447,7 @@ def test_existing_output_is_untouched_when_every_source_fails(tmp_path: Path, ht
 
 def test_plain_http_source_is_rejected_by_the_config() -> None:
     """HTTPS only: a plain-http mirror is refused before any download is attempted."""
-    document = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    document = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     document["download"]["sources"] = ["http://127.0.0.1:8000/mnist/", "data/offline/"]
     with pytest.raises(ConfigError, match=r"download\.sources = .*'http://127\.0\.0\.1:8000/mnist/'.*https://"):
         validate_params(document)

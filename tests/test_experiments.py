@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
-from workspace import QUICK, clone, sh, venv_env
+from workspace import QUICK, reproduced, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -28,9 +28,7 @@ ENV = venv_env()
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = clone(tmp_path_factory.mktemp("exp") / "repo", **QUICK)
-    sh("dvc", "repro", cwd=root, env=ENV)
-    return root
+    return reproduced(tmp_path_factory.mktemp("exp") / "repo", env=ENV, **QUICK)
 
 
 def client(repo: Path) -> MlflowClient:
@@ -143,8 +141,7 @@ def test_queued_experiments_and_search_workers_share_the_local_stores(tmp_path: 
     `mnist-tune` workers search, all creating and writing mlflow.db (and the workers optuna.db) at once,
     in a clone with nothing but its prepared data. All finish: no "database is locked", one FINISHED run
     and one model version per experiment."""
-    repo = clone(tmp_path / "repo", **QUICK)
-    sh("dvc", "repro", "prepare", cwd=repo, env=ENV)  # no MLflow or Optuna store yet
+    repo = reproduced(tmp_path / "repo", "prepare", env=ENV, **QUICK)  # no MLflow or Optuna store yet
     assert not (repo / "mlflow.db").exists() and not (repo / "optuna.db").exists()
     names = [f"busy-{n}" for n in range(3)]
     for n, name in enumerate(names):

@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from helpers import wait_for
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
-from workspace import QUICK, REPO, clone, free_port, set_params, sh, venv_env
+from workspace import QUICK, REPO, free_port, reproduced, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +44,7 @@ MB = 1_000_000
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clone after a complete quick `dvc repro`, so there are outputs to protect."""
-    root = clone(tmp_path_factory.mktemp("faults") / "repo", **QUICK)
-    sh("dvc", "repro", cwd=root, env=ENV)
+    root = reproduced(tmp_path_factory.mktemp("faults") / "repo", env=ENV, **QUICK)
     assert {"data/prepared/train.npz", "models/model.keras", "metrics/test.json"} < set(declared_outputs(root))
     return root
 
@@ -357,7 +357,7 @@ def web_server_that_is_not_mlflow(folder: Path) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     with started(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}/"), 30, "the web server")
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/"), "the web server", 30)
         yield f"http://127.0.0.1:{port}"
 
 
@@ -673,13 +673,6 @@ def locked_store(repo: Path) -> Iterator[sqlite3.Connection]:
         holder.close()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_files_staged_by_a_stage_killed_while_logging_are_removed_by_the_next_run(repo: Path) -> None:
     """SIGKILL (nothing can clean up) while the stage records its run: its staged outputs stay on disk,
     held by no process; the next `dvc repro` removes them, and only them."""
@@ -691,9 +684,9 @@ def test_files_staged_by_a_stage_killed_while_logging_are_removed_by_the_next_ru
     with started(command, cwd=repo, env=ENV, stderr=subprocess.PIPE) as process:
         # Staging the outputs needs no store, recording them does: a lock taken once the first staged file
         # appears lets the stage stage them all, then holds it at its next write to the store.
-        wait_for(lambda: len(leftovers(repo, outputs)) > 1, 300, "the first staged output")
+        wait_for(lambda: len(leftovers(repo, outputs)) > 1, "the first staged output", 300)
         with locked_store(repo):
-            wait_for(lambda: len(leftovers(repo, outputs)) == len(outputs) + 1, 60, "the staged outputs")
+            wait_for(lambda: len(leftovers(repo, outputs)) == len(outputs) + 1, "the staged outputs", 60)
             time.sleep(0.5)  # the last one is being written; the stage is then waiting for the store
             process.kill()
             process.wait(timeout=60)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import Mark, plot_marks, plot_texts, rendered_dom
-from workspace import clone, set_params, sh, venv_env
+from workspace import reproduced, set_params, sh, venv_env
 
 EPOCHS = 3
 
@@ -31,10 +31,8 @@ def env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A fresh clone reduced to a quick configuration, after one full `dvc repro`."""
-    root = clone(tmp_path_factory.mktemp("clone") / "repo", train__epochs=EPOCHS, model__hidden_units=[64, 32])
-    first = sh("dvc", "repro", cwd=root, env=env)
-    (root / "first_repro.log").write_text(first.stdout + first.stderr)
-    return root
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    return reproduced(root, env=env, train__epochs=EPOCHS, model__hidden_units=[64, 32])
 
 
 def read_json(path: Path) -> dict:
@@ -64,7 +62,7 @@ def test_outputs_and_metrics(workspace: Path) -> None:
 
 
 def test_offline_copy_served_the_data(workspace: Path) -> None:
-    log = (workspace / "first_repro.log").read_text()
+    log = (workspace.parent / "repro.log").read_text()
     assert "train-images-idx3-ubyte: served by data/offline/ (47040016 bytes, sha256 verified)" in log
 
 

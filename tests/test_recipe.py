@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from workspace import QUICK, REPO, clone, sh, venv_env
+from workspace import QUICK, REPO, reproduced, sh, venv_env
 
 from pipeline import recipe
 from pipeline.config import load_params
@@ -64,9 +64,8 @@ def test_exp_run_command_round_trips_through_yaml() -> None:
 
 @pytest.mark.e2e
 def test_recipe_runs_as_a_named_dvc_experiment_and_mlflow_run(tmp_path: Path) -> None:
-    repo = clone(tmp_path / "repo", **QUICK)
     env = venv_env()
-    sh("dvc", "repro", "prepare", cwd=repo, env=env)
+    repo = reproduced(tmp_path / "repo", "prepare", env=env, **QUICK)
     quick = repo / "recipes" / "quick.yaml"
     quick.parent.mkdir(exist_ok=True)
     quick.write_text("train:\n  optimizer: adamw\n  learning_rate: 0.003\n  shift_pixels: 1\n")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import wait_for
 from workspace import REPO
 
 from pipeline import runtime
@@ -89,14 +88,6 @@ def error_line(process: subprocess.Popen[str]) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
-
-
-def wait_for(condition: Any, what: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert process.poll() is None, f"exited before {what}: {process.communicate()}"
-        assert time.monotonic() < deadline, f"no {what} in {WAIT} s"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +180,9 @@ def test_removing_a_damaged_entry_spares_an_entry_being_written(
     paths = cache_with(tmp_path, {32: entries[32]}, DAMAGE["cut-short"](entries[32][1]))
     folder, hold = paths[32].parent, tmp_path / "hold"
     clearer = training(tmp_path, 32, hold)
-    wait_for(hold.with_suffix(".reached").exists, "C at its removal", clearer)
+    wait_for(hold.with_suffix(".reached").exists, "C at its removal", WAIT, process=clearer)
     writer = training(tmp_path, 48, prefix=prefix)
-    wait_for(lambda: any(folder.glob("*.tmp")), "W's temporary entry", writer)
+    wait_for(lambda: any(folder.glob("*.tmp")), "W's temporary entry", WAIT, process=writer)
     hold.with_suffix(".go").touch()
     assert "damaged entry" in error_line(clearer)
     assert not paths[32].exists()
@@ -210,7 +201,7 @@ def test_removing_a_damaged_entry_spares_entries_written_meanwhile(
     paths = cache_with(tmp_path, {32: entries[32]}, DAMAGE["not-protobuf"](b""))
     hold = tmp_path / "hold"
     clearer = training(tmp_path, 32, hold)
-    wait_for(hold.with_suffix(".reached").exists, "C at its removal", clearer)
+    wait_for(hold.with_suffix(".reached").exists, "C at its removal", WAIT, process=clearer)
     trained(training(tmp_path, 48))
     hold.with_suffix(".go").touch()
     assert "damaged entry" in error_line(clearer)

@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from workspace import QUICK, clone, free_port, offline_mnist, sh, venv_env
+from workspace import QUICK, free_port, offline_mnist, reproduced, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -129,9 +129,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Ite
 def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], server: tuple[str, Path]) -> Path:
     """A copy of the repository's tracked files, reduced to a quick configuration, after `dvc repro`
     against the server."""
-    root = clone(tmp_path_factory.mktemp("clone") / "repo", **QUICK)
-    sh("dvc", "repro", cwd=root, env={**env, "MLFLOW_TRACKING_URI": server[0]})
-    return root
+    return reproduced(tmp_path_factory.mktemp("clone") / "repo", env={**env, "MLFLOW_TRACKING_URI": server[0]}, **QUICK)
 
 
 @pytest.fixture(scope="module")

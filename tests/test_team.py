@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import pytest
 import yaml
+from helpers import wait_for
 from postgres import PASSWORD, PostgresServer, literal
 from teamday import (
     GRACE,
@@ -46,7 +47,6 @@ from teamday import (
     start_worker,
     started,
     training,
-    wait_for,
 )
 from test_server import Process
 from test_tune import study_runs
@@ -278,7 +278,7 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
                     pytest.fail(f"{worker.name} exited {worker.popen.returncode}: {worker.stderr()}")
             return all(started(team, w) for w in workers)
 
-        wait_for(all_started, 300, "all four workers in their first trial")
+        wait_for(all_started, "all four workers in their first trial", 300, every=0.5)
         while True:  # stopped, it cannot finish the trial between the look and the kill
             victim.popen.send_signal(signal.SIGSTOP)
             number = training(team, victim)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import dead_pid
 from workspace import REPO, free_port
 
 from pipeline import tracking
@@ -209,13 +210,6 @@ def test_champion_moves_by_validation_accuracy_never_by_test(store: str, tmp_pat
     assert champions == ["1", "1", "3", "3"]  # a worse or equal validation accuracy does not take the alias
     version = client.get_model_version(tracking.REGISTERED_MODEL, "2")
     assert version.tags == {"val_accuracy": "0.850000", "test_accuracy": "0.990000"}
-
-
-def dead_pid() -> int:
-    """The pid of a process that has run and been reaped: nothing has it now (pids are not reused at once)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def running_run(client: mlflow.MlflowClient, experiment_id: str, **tags: str) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import wait_for
 from mlflow import MlflowClient
 
 from pipeline import tracking
@@ -27,13 +26,6 @@ def store_file(store: str) -> Path:
 
 def epoch(n: int) -> EpochResult:
     return EpochResult(n, train_loss=1 / n, train_accuracy=0.5 + n / 100, val_loss=1.1 / n, val_accuracy=0.5 + n / 99)
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.02)
 
 
 def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from workspace import QUICK, clone, set_params, sh, venv_env
+from workspace import QUICK, reproduced, set_params, sh, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +22,7 @@ EPOCHS = 12
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clone with the prepared data (the real `dvc repro prepare`), and nothing trained."""
-    root = clone(tmp_path_factory.mktemp("train") / "repo", **QUICK)
-    sh("dvc", "repro", "prepare", cwd=root, env=ENV)
-    return root
+    return reproduced(tmp_path_factory.mktemp("train") / "repo", "prepare", env=ENV, **QUICK)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import wait_for
 from workspace import REPO, clone, sh, venv_env
 
 from pipeline.config import SEARCH_SPACE_FILE, load_params
@@ -422,14 +423,12 @@ def test_ctrl_c_fails_the_trial_and_closes_its_run(workspace: Path, tune_env: di
 
 def wait_for_first_epoch(env: dict[str, str], study: str, process: subprocess.Popen[str]) -> None:
     """Until the study's first trial has logged an epoch: training is under way."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def logged() -> bool:
         _, children = study_runs(env, study)
-        if children and "val_accuracy" in children[0].data.metrics:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(1)
-    pytest.fail(f"no epoch of study {study} was logged in 300 s")
+        return bool(children) and "val_accuracy" in children[0].data.metrics
+
+    wait_for(logged, f"an epoch of study {study}", 300, process=process, every=1)
 
 
 @pytest.mark.e2e
@@ -486,11 +485,7 @@ def held_at_exit(workspace: Path, env: dict[str, str], hold: Path, *args: str) -
 
 
 def wait_for_file(path: Path, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 600
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
+    wait_for(path.exists, str(path), 600, process=process, every=0.2)
 
 
 def tune_in(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:

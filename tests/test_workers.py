@@ -12,8 +12,6 @@ command's helpers and fixtures are test_tune's).
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 import test_tune
+from helpers import dead_pid
 from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from test_tune import QUICK_SET, STUDY, finish, held_at_exit, study_runs, tune, wait_for_file, wait_for_first_epoch
@@ -45,12 +44,6 @@ def make_worker(store: str, tmp_path: Path) -> Callable[[], Workers]:
 
 def status(worker: Workers) -> str:
     return tracking.run_status(worker.parent_run_id)
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 @pytest.mark.parametrize("last", ["first", "second"])

@@ -87,6 +87,16 @@ def clone(destination: Path, **params: object) -> Path:
     return destination
 
 
+def reproduced(destination: Path, *stages: str, env: dict[str, str] | None = None, **params: object) -> Path:
+    """`clone(destination, **params)` after a real `dvc repro` of `stages` (all when none) in `env`
+    (default `venv_env()`): a user's workspace with the outputs. What `dvc repro` printed is in
+    repro.log beside it, outside the repository."""
+    root = clone(destination, **params)
+    done = sh("dvc", "repro", *stages, cwd=root, env=venv_env() if env is None else env)
+    (destination.parent / "repro.log").write_text(done.stdout + done.stderr)
+    return root
+
+
 def offline_mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, 28, 28) and labels of `train` or `t10k`, from the .gz files committed in
     data/offline/, so tests never depend on untracked pipeline outputs."""

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from workspace import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline import runtime  # noqa: E402  (after the repository is importable)
-from pipeline.errors import run_stage  # noqa: E402
+from pipeline import runtime
+from pipeline.errors import run_stage
 
 
 def hold_before_removal(marker: Path) -> None:
