@@ -289,10 +289,10 @@ def test_a_user_who_may_only_read_is_told_which_permission_to_ask_for(repo: Path
         assert "check the store" not in line
         for output in (done.stdout, done.stderr, tune.stdout, tune.stderr):
             assert user["password"] not in output and admin[1] not in output
-        runs = as_admin.get(
+        runs = as_admin.post(
             f"{url}/api/2.0/mlflow/runs/search", json={"experiment_ids": [created.json()["experiment_id"]]}
         )
-        assert runs.json().get("runs", []) == [], "the server holds no run of the refused user"
+        assert runs.ok and runs.json().get("runs", []) == [], "the server holds no run of the refused user"
 
 
 @contextmanager
