@@ -1,7 +1,9 @@
 """A team's day, for real, as docs/team.md tells it (tests/teamday.py reads the commands from the page).
 
-One real PostgreSQL server (tests/postgres.py) with the page's role and two databases; the page's
-`mlflow server` on MLflow's database with served artifacts; Optuna's studies in the other database.
+One real PostgreSQL server (tests/postgres.py) with the page's role and three databases; the page's
+`mlflow server` on MLflow's database with served artifacts and MLflow's authentication (its users in
+`mlflow_auth`; everyone logs in as the page's user, granted as the page says); Optuna's studies in the
+other database.
 Alice and Bob are two clones of the repository standing for two machines (a bare git repository for the
 team's git server, a shared folder for the DVC remote), Carol a newcomer. Alice trains and pushes; Bob
 pulls, trains an experiment and pushes it; Alice pulls the experiment and opens its MLflow run; Carol
