@@ -176,10 +176,19 @@ class Params(_Section):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """`section.key -> value`, the form logged to MLflow and shown by `dvc params diff`."""
-        return {
-            f"{section}.{key}": value for section, values in self.model_dump().items() for key, value in values.items()
-        }
+        """`section.key -> value` (`flatten`)."""
+        return flatten(self.model_dump())
+
+
+def flatten(document: dict[str, Any]) -> dict[str, Any]:
+    """A params document's sections as `section.key -> value` (what is not a section is left out): the
+    form logged to MLflow, shown by `dvc params diff` and written in recipes' overrides."""
+    return {
+        f"{section}.{key}": value
+        for section, values in document.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:

@@ -242,9 +242,8 @@ def fit(
 
     Raises `DivergedError` at the first epoch whose loss is not finite.
     """
-    from pipeline.model import build_model, check_fits_in_memory
+    from pipeline.model import build_model
 
-    check_fits_in_memory(model_params, train_params.batch_size)
     with timing.phase("build the network, trace the graphs"):
         seed_everything(train_params.seed)
         model = build_model(model_params)

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import flatten
+
 # The pipeline's own outputs, which it rewrites on every run: not inputs, so they never make a run dirty.
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 RUN_NAME_LENGTH = 250  # MLflow's column for a run's name (PostgreSQL enforces it)
@@ -74,14 +76,7 @@ def _committed_params(params_file: Path) -> dict[str, Any] | None:
         document = yaml.safe_load(text) if text is not None else None
     except yaml.YAMLError:
         return None
-    if not isinstance(document, dict):
-        return None
-    return {
-        f"{section}.{key}": value
-        for section, values in document.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
+    return flatten(document) if isinstance(document, dict) else None
 
 
 def run_name(flat: dict[str, Any], params_file: Path) -> str:

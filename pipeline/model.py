@@ -12,7 +12,6 @@ TensorFlow's start-up and `mnist-predict` fails fast on a wrong path.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 import zipfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 
 from pipeline.config import MODEL_FILE, ModelParams
 from pipeline.errors import DataError, ResourceError, chain
@@ -67,17 +67,6 @@ def parameter_count(params: ModelParams) -> int:
     return dense + 4 * sum(params.hidden_units) + (4 * N_CLASSES if params.batch_norm_logits else 0)
 
 
-def available_memory() -> int:
-    """Bytes of memory that can be had without swapping (Linux's MemAvailable; elsewhere free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -> None:
     """Fail before building a network whose training cannot fit in this machine's free memory.
 
@@ -86,7 +75,7 @@ def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -
     """
     floats = (2 + slots) * parameter_count(params) + 3 * batch_size * sum(params.hidden_units)
     needed = 4 * floats
-    available = available_memory()
+    available = psutil.virtual_memory().available  # what can be had without swapping (Linux's MemAvailable)
     if needed > available:
         raise ResourceError(
             f"model.hidden_units {params.hidden_units} needs about {needed / 1e9:.1f} GB to train "

@@ -9,39 +9,39 @@ Both only see processes of this machine.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+import psutil
 
 
 def start(pid: int) -> str | None:
-    """The start time of a live process (field 22 of /proc/<pid>/stat, clock ticks since boot): with the
-    pid it names one process, even after the pid is reused. None if no such process, or no /proc."""
+    """When a live process started, in hundredths of a second since boot (psutil's start time less its
+    boot time, so a change of the clock changes neither): with the pid it names one process, even after
+    the pid is reused. None if there is no such process, or it has ended (a zombie)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else _since_boot(process)
+    except psutil.Error:  # no such process, or another user's that this one may not inspect
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-    return None if fields[0] == "Z" else fields[19]  # fields[0] is field 3, the state; Z: dead, not reaped
+
+
+def _since_boot(process: psutil.Process) -> str:
+    return str(round((process.create_time() - psutil.boot_time()) * 100))
 
 
 def gone(pid: int, started: str | None) -> bool:
     """Whether process `pid` (started at `started`, if known) has ended, or its pid now names another."""
-    if Path("/proc/self/stat").exists():
-        now = start(pid)
-        return now is None or (started is not None and now != started)
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE or started not in (None, _since_boot(process))
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:  # exists, another user's
+    except psutil.AccessDenied:  # exists, another user's
         return False
-    return False
 
 
 def owner() -> str:
-    """This process as a token for file names: `<pid>-<start>`, or `<pid>` where there is no /proc."""
-    pid = os.getpid()
-    started = start(pid)
-    return f"{pid}-{started}" if started else str(pid)
+    """This process as a token for file names: `<pid>-<start>`."""
+    return f"{os.getpid()}-{start(os.getpid())}"
 
 
 def owner_gone(token: str) -> bool | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import ArgumentParser
-from pipeline.config import PARAMS_FILE, Params, load_params, read_yaml, validate_params
+from pipeline.config import PARAMS_FILE, Params, flatten, load_params, read_yaml, validate_params
 from pipeline.errors import ConfigError, PipelineError, run_stage
 
 
@@ -27,7 +27,7 @@ def read_overrides(file: Path) -> dict[str, Any]:
     document = read_yaml(file, "; recipes live in recipes/ (e.g. recipes/tuned.yaml).")
     if not isinstance(document, dict) or not all(isinstance(values, dict) for values in document.values()):
         raise ConfigError(f"{file}: expected sections of params.yaml (model:, train:, ...) holding keys and values.")
-    flat = {f"{section}.{key}": value for section, values in document.items() for key, value in values.items()}
+    flat = flatten(document)
     apply(load_params(), flat, file)
     return flat
 

@@ -16,24 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import processes
+import psutil
 
 _phases: dict[str, float] = {}
 
 
 def process_seconds() -> float:
-    """Wall seconds since this process started (Linux: from /proc; elsewhere: since this module loaded)."""
-    started = processes.start(os.getpid())
-    try:
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError):
-        started = None
-    if started is None:
-        return time.perf_counter() - _LOADED
-    return uptime - int(started) / os.sysconf("SC_CLK_TCK")
-
-
-_LOADED = time.perf_counter()
+    """Wall seconds since this process started: on Linux, where start times count from boot, by the boot
+    clock (exact to the kernel's 10 ms ticks); elsewhere by the wall clock."""
+    started = psutil.Process().create_time()
+    if (clock := getattr(time, "CLOCK_BOOTTIME", None)) is None:
+        return time.time() - started
+    return time.clock_gettime(clock) - (started - psutil.boot_time())
 
 
 @contextmanager

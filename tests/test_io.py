@@ -61,6 +61,19 @@ def test_split_round_trip_without_pickle(tmp_path: Path) -> None:
     assert loaded.y.dtype == np.int32
 
 
+def test_splits_load_aligned_so_tensorflow_shares_their_memory(tmp_path: Path) -> None:
+    """Why io.py reads .npy members itself: numpy.load aligns to 16 bytes only (TensorFlow then copies) and
+    holds each member's bytes besides; docs/performance.md has the peak memory either way."""
+    for rows in range(1, 9):  # arrays of several sizes: none 64-byte aligned by chance
+        split = io.Split(np.full((rows, 7), rows, np.float32), np.arange(rows, dtype=np.int32))
+        with io.staged_outputs() as out:
+            out.save_split(tmp_path / "s.npz", split)
+        loaded = io.load_split(tmp_path / "s.npz")
+        assert [array.ctypes.data % io.ALIGNMENT for array in loaded] == [0, 0]
+        np.testing.assert_array_equal(loaded.x, split.x)
+        np.testing.assert_array_equal(loaded.y, split.y)
+
+
 def test_pickled_or_corrupt_arrays_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "pickled.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
     with pytest.raises(DataError, match=r"corrupt .*dvc repro -f prepare"):

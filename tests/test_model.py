@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelParams
-from pipeline.errors import DataError
-from pipeline.model import build_model, canonical_ids, load, parameter_count, probabilities, save, with_softmax
+from pipeline.errors import DataError, ResourceError
+from pipeline.model import (
+    build_model,
+    canonical_ids,
+    check_fits_in_memory,
+    load,
+    parameter_count,
+    probabilities,
+    save,
+    with_softmax,
+)
 
 REFERENCE = ModelParams(
     hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False, dropout=0.0
@@ -165,3 +174,11 @@ def test_a_network_of_700_hidden_layers_builds_saves_and_loads(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) == 1 + 3 * 700 + 1  # input, dense-bn-elu per hidden layer, logits
+
+
+def test_a_network_larger_than_memory_is_refused_before_building() -> None:
+    """The train stage (before its MLflow run) and each search trial (before `fit`) run this check."""
+    huge = REFERENCE.model_copy(update={"hidden_units": [100_000, 100_000]})
+    with pytest.raises(ResourceError, match=r"needs about \d+\.\d GB .* GB free; use fewer or smaller hidden layers"):
+        check_fits_in_memory(huge, batch_size=50)
+    check_fits_in_memory(REFERENCE, batch_size=50)  # the reference network passes

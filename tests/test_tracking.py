@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from browser import readme_ui
 from helpers import dead_pid
 from workspace import REPO, free_port
 
@@ -168,6 +169,30 @@ def test_finished_run_lands_in_the_experiment(store: str) -> None:
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert mlflow.get_experiment(run.info.experiment_id).name == tracking.EXPERIMENT
+
+
+def test_experiment_says_its_kind_and_holds_the_accuracy_view_also_when_it_existed(store: str) -> None:
+    view_tag = f"mlflow.sharedViewState.{tracking.store.VIEW}"
+    experiment_id = tracking.connect()  # a new store: created with its tags
+    client = mlflow.MlflowClient()  # after `connect`, which points MLflow at this test's store
+    tags = client.get_experiment(experiment_id).tags
+    assert tags[tracking.store.KIND_TAG] == "custom_model_development"  # the MLflow UI's "Machine learning"
+    view = json.loads(tags[view_tag])  # the envelope of the UI's saved views: name, createdAt, state
+    assert view["name"] == tracking.store.VIEW and isinstance(view["createdAt"], int)
+    columns = ["metrics.`val_accuracy`", "metrics.`test_accuracy`"]
+    assert json.loads(view["state"])["selectedColumns"] == columns
+    for key in (tracking.store.KIND_TAG, view_tag):  # a store from before the tags: they are added
+        client.delete_experiment_tag(experiment_id, key)
+    client.set_experiment_tag(experiment_id, view_tag, "a user's own view")  # ...but a user's change stays
+    assert tracking.connect() == experiment_id
+    tags = client.get_experiment(experiment_id).tags
+    assert tags[tracking.store.KIND_TAG] == "custom_model_development" and tags[view_tag] == "a user's own view"
+
+
+def test_readme_opens_the_view_the_experiment_holds_with_the_quick_command() -> None:
+    command, link = readme_ui(REPO / "README.md")
+    assert f"viewStateShareKey={tracking.store.VIEW}" in link and "workflowType=machine_learning" in link
+    assert "--workers 1" in command and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in command  # docs/performance.md
 
 
 @pytest.mark.parametrize(

@@ -59,16 +59,10 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
     best validation accuracy of all (the earliest of equals; the test set never chooses); say whether
     that is this run's version.
 
-    Trainings that finish together promote at the same time, in separate processes, on one machine or
-    many: no lock is taken. Each promoter writes its own tag first, then reads every version and the
-    alias and moves the alias to the best it read, until a read finds the alias already on the best.
-    Why the last writer cannot leave a wrong champion: take the last tag written, by promoter P. Every
-    read that starts after it sees every tag, so computes the true best. If the last alias write came
-    before that tag, P's own reads come after both, find the alias unchanged since, and P would write
-    (contradicting "last") unless it is already the best. If it came after, its writer's next read
-    follows it, sees every tag and the alias as it stays, and that writer stops only when the two
-    agree. Once every tag is written, every read names the same best, so each promoter writes at most
-    once more and stops.
+    Trainings that finish together promote at once, on one machine or many, without a lock: each writes
+    its tag, then moves the alias to the best version it reads until a read finds the alias on the best.
+    The last read of all follows every write (each writer reads again after it) and stopped its reader,
+    so the champion ends on the best (tests/test_registry.py forces every interleaving of two).
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -42,7 +42,7 @@ PARAMS_ARTIFACT = "params.json"  # every parameter exactly, where one is longer 
 
 
 def process_tags() -> dict[str, str]:
-    """`host`, `pid` and, where /proc exists, `pid_start` of this process."""
+    """`host`, `pid` and `pid_start` (`processes.start`) of this process."""
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if start := processes.start(os.getpid()):
         tags[PID_START_TAG] = start
@@ -185,7 +185,8 @@ def log_params(flat: dict[str, Any]) -> None:
 
 
 def log_files(files: dict[Path, bytes | str]) -> None:
-    """Artifacts of the active run, each under its path in the repository (`plots/confusion.png`)."""
+    """Artifacts of the active run, by file name at the run's artifact root (`confusion.png`): MLflow's
+    page comparing runs shows side by side only the files there."""
     mlflow = mlflow_module()
     with tempfile.TemporaryDirectory() as folder:
         for path, content in files.items():
@@ -194,7 +195,7 @@ def log_files(files: dict[Path, bytes | str]) -> None:
                 local.write_text(content, encoding="utf-8")
             else:
                 local.write_bytes(content)
-            mlflow.log_artifact(str(local), artifact_path=path.parent.as_posix())
+            mlflow.log_artifact(str(local))
 
 
 @contextmanager

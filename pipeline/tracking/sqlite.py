@@ -15,6 +15,8 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
+import psutil
+
 from pipeline.errors import TrackingError, chain, escaped
 
 log = logging.getLogger("pipeline.tracking")
@@ -57,10 +59,9 @@ def lock_holders(database: Path) -> list[str]:
 
 def _command(pid: int) -> str:
     try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except OSError:
+        line = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
-    line = " ".join(os.fsdecode(word) for word in words)
     return f" (`{escaped(line[:100])}`)" if line else ""
 
 

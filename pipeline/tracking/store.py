@@ -9,9 +9,11 @@ directly); messages show it without its password (`secrets.redacted`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -27,6 +29,12 @@ from pipeline.secrets import redacted
 from pipeline.tracking import sqlite
 
 EXPERIMENT = "mnist-batchnorm"
+# What the MLflow UI reads from the experiment's tags: its kind (the UI's "Machine learning", not GenAI),
+# and a saved view of the runs list (`mlflow.sharedViewState.<key>`, the envelope the UI's *Views* menu
+# writes) whose columns are the validation and test accuracy; the README's link opens it by its key.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+VIEW = "accuracy"
+_COLUMNS = ["metrics.`val_accuracy`", "metrics.`test_accuracy`"]
 # A dead or firewalled host fails within seconds; a live MLflow worker may take a while to answer its
 # first query (it opens the database), which is no reason to call it unreachable.
 _PROBE_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
@@ -301,15 +309,19 @@ def connect() -> str:
             sqlite.check(db_file, _SQLITE_TIMEOUT)
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-            if experiment is not None:
-                return str(experiment.experiment_id)
-            try:
-                return str(mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri)))
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
+            if experiment is None:
+                try:
+                    created = mlflow.create_experiment(EXPERIMENT, artifact_location(uri), experiment_tags())
+                    return str(created)
+                except MlflowException as error:
+                    if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
                 # on a server the file lock does not apply: another process created it a moment ago
-                return str(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+                experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+            for key, value in experiment_tags().items():  # a store from before: the tags a user changed stay
+                if key not in experiment.tags:
+                    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+            return str(experiment.experiment_id)
         except Exception as error:  # MLflow's errors, and SQLAlchemy's raised while MLflow opens the database
             if db_file and (found := sqlite.cause(error)):
                 raise TrackingError(f"{sqlite.unusable(db_file, found)}. Nothing was changed.") from None
@@ -322,3 +334,10 @@ def connect() -> str:
             raise TrackingError(
                 f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
             ) from None
+
+
+def experiment_tags() -> dict[str, str]:
+    """The experiment's kind and its saved runs view `VIEW` (the runs list with `_COLUMNS`)."""
+    state = json.dumps({"selectedColumns": _COLUMNS, "columnOrder": _COLUMNS})
+    view = {"name": VIEW, "createdAt": int(time.time() * 1000), "state": state}
+    return {KIND_TAG: KIND, f"mlflow.sharedViewState.{VIEW}": json.dumps(view)}

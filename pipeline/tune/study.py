@@ -216,6 +216,7 @@ def make_objective(
         import keras
 
         from pipeline.fit import fit
+        from pipeline.model import check_fits_in_memory
 
         with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
             run_id = tracking.create_run(
@@ -248,6 +249,7 @@ def make_objective(
             trial.set_user_attr("params", flat)
             with tracking.store_errors(f"logging the parameters of trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, params=flat)
+            check_fits_in_memory(params.model, params.train.batch_size)
             with tracking.system_metrics(run_id), runtime.cache_errors_explained():
                 fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
