@@ -90,8 +90,6 @@ def import_tensorflow(cache_root: Path | None = None) -> None:
         tensorflow.config.list_logical_devices()  # initialises the runtime, as the first op would
 
 
-
-
 @contextlib.contextmanager
 def cache_errors_explained() -> Iterator[None]:
     """TensorFlow's errors of a compiled training in one line: running out of memory is a ResourceError;
