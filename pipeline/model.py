@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 import psutil
 
 from pipeline.config import CLASSES, MODEL_FILE, PIXELS, ModelParams
-from pipeline.errors import ConfigError, DataError, ResourceError
+from pipeline.errors import ConfigError, DataError, ResourceError, chain
 
 if TYPE_CHECKING:
     import keras
@@ -59,6 +61,7 @@ def network(params: ModelParams) -> keras.Model:
     declares another input shape (`IMAGE`) gets a Reshape in front."""
     import keras
 
+    deep_enough(4 * len(params.hidden_units) + 4)
     model = build_model(params)
     inner = tuple(model.input_shape[1:])
     if inner == (PIXELS,):
@@ -78,6 +81,7 @@ def _shape_only(params: ModelParams) -> keras.Model:
         with keras.StatelessScope(initialize_variables=False):
             return build_model(params)
 
+    deep_enough(4 * len(params.hidden_units) + 4)
     with ThreadPoolExecutor(1) as thread:
         probe = thread.submit(build).result()
     takes, gives = tuple(probe.input_shape[1:]), tuple(probe.output_shape[1:])
@@ -87,6 +91,12 @@ def _shape_only(params: ModelParams) -> keras.Model:
             f"take {PIXELS} pixels (any shape of that size) and output {CLASSES} logits."
         )
     return probe
+
+
+def deep_enough(layers: int) -> None:
+    """Keras walks a network's graph recursively (to build, save and load it), a frame or two per layer:
+    past a few hundred hidden layers Python's default limit of 1,000 frames ends in a RecursionError."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 4 * layers))
 
 
 def parameter_count(params: ModelParams) -> int:
@@ -167,11 +177,26 @@ def load(path: Path = MODEL_FILE) -> keras.Model:
     import keras
 
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        with zipfile.ZipFile(path) as archive:
+            deep_enough(archive.read("config.json").count(b'"class_name"'))
+        with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
+            warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged zip or config
+        if holds_code(error):
+            raise DataError(f"{path} {HOLDS_CODE}; use a model trained by `dvc repro train`.") from None
         raise DataError(
             f"{path} cannot be loaded ({type(error).__name__}); run `dvc repro -f train` to rebuild it."
         ) from None
+
+
+HOLDS_CODE = "holds code (a Lambda layer or another stored Python function), which the pipeline never runs"
+
+
+def holds_code(error: BaseException) -> bool:
+    """Whether Keras' safe mode refused to load a model because it holds code (its errors all say how to
+    allow it: `safe_mode=False`)."""
+    return any("safe_mode=False" in str(found) for found in chain(error))
 
 
 def probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,6 +220,26 @@ def test_counting_a_large_network_takes_no_memory_for_its_weights() -> None:
     inputs = keras.Input(shape=(8,))
     keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
     assert process.memory_info().rss - before < 500e6
+
+
+@pytest.mark.e2e  # building, saving and loading 2,800 Keras layers takes a minute or two on 2 cores
+def test_a_network_of_700_hidden_layers_builds_saves_and_loads(tmp_path: Path) -> None:
+    """Past about 250 hidden layers, Keras' recursive walks of the graph exceeded Python's default limit of
+    1,000 frames (RecursionError); the limit now follows the depth. A fresh process, at the default limit."""
+    script = (
+        "import sys; from pathlib import Path; from pipeline.config import ModelParams; "
+        "from pipeline.model import check_fits_in_memory, load, network, save, with_softmax; "
+        "assert sys.getrecursionlimit() == 1000; "
+        "p = ModelParams(hidden_units=[2] * 700, activation='elu', batch_norm_momentum=0.9, "
+        "batch_norm_logits=False, dropout=0.0); check_fits_in_memory(p, 250); m = network(p); "
+        "with_softmax(m); save(m, Path(sys.argv[1])); "
+        "sys.setrecursionlimit(1000); print(len(load(Path(sys.argv[1])).layers))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "deep.keras"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == 1 + 3 * 700 + 1  # input, dense-bn-elu per hidden layer, logits
 
 
 def test_a_network_larger_than_memory_is_refused_before_building() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pipeline import io, recipe, runtime, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
+from pipeline.tracking.store import STORE_FIX
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
 from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage
 
@@ -32,8 +33,6 @@ PARENT_ATTR = "mlflow_parent_run_id"
 DEFINITION_ATTR = "definition"
 PARENT_WAIT_SECONDS = 120.0
 PRUNER_STARTUP_TRIALS = 5
-# A failing MLflow store stops the worker with one line; the study itself resumes later.
-STORE_FIX = "check the store and run again (the study resumes where it stopped)"
 
 
 def trial_seed(seed: int, study: str, number: int) -> int:
