@@ -113,7 +113,7 @@ def train(params: Params) -> Fitted:
             out.write_json(RUN_FILE, {"mlflow_run_id": run_id})
         with timing.phase("MLflow: training time and plots"):
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
-            tracking.log_training(fitted.train_seconds, files)
+            tracking.log_training(fitted.train_seconds, summary(fitted), files)
         with timing.phase("MLflow: log and register the model"):
             changed = lineage.changed_params(params.flat(), PARAMS_FILE)
             version = tracking.log_model(fitted.model, validation.x[:5], datasets["validation"], changed)

@@ -163,7 +163,8 @@ def test_the_run_is_on_the_server_and_nothing_is_local(server: tuple[str, Path],
     assert yaml.safe_load(run.data.params["train.epochs"]) == EPOCHS
     assert yaml.safe_load(run.data.params["model.hidden_units"]) == [64, 32]
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(1, EPOCHS + 1))
+        history = client.get_metric_history(run.info.run_id, f"epoch/{metric}")
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert run.data.metrics["test_log_loss"] == pytest.approx(test["log_loss"])
     assert test["accuracy"] > 0.85

@@ -31,7 +31,7 @@ def epoch(n: int) -> EpochResult:
 
 def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:
     """The epochs of the run's validation accuracy in the store, as the MLflow UI reads them."""
-    return [m.step for m in watcher.get_metric_history(run_id, "val_accuracy")]
+    return [m.step for m in watcher.get_metric_history(run_id, "epoch/val_accuracy")]
 
 
 def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path) -> None:
@@ -44,7 +44,7 @@ def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path)
             assert set(range(1, n)) <= set(stored_epochs(watcher, run_id)) <= set(range(1, n + 1))
             assert watcher.get_run(run_id).info.status == "RUNNING"
     assert stored_epochs(watcher, run_id) == list(range(1, EPOCHS + 1))
-    stored = watcher.get_metric_history(run_id, "train_loss")
+    stored = watcher.get_metric_history(run_id, "epoch/train_loss")
     assert [m.value for m in stored] == [epoch(n).metrics["train_loss"] for n in range(1, EPOCHS + 1)]
     assert [m.timestamp for m in stored] == sorted(m.timestamp for m in stored)  # stamped as each epoch ended
 

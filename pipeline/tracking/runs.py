@@ -198,6 +198,16 @@ def log_files(files: dict[Path, bytes | str]) -> None:
             mlflow.log_artifact(str(local))
 
 
+CURVE = "epoch/"  # per-epoch keys: MLflow's run page draws a named section first, before the single figures
+
+
+def curve_points(result: Any, stamp: int) -> list[Any]:
+    """An `EpochResult`'s figures as MLflow metrics `epoch/<name>` at step = epoch."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"{CURVE}{key}", value, stamp, result.epoch) for key, value in result.metrics.items()]
+
+
 @contextmanager
 def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     """A function that sends an epoch's metrics (an `EpochResult`, step = epoch) as the epoch ends, so a
@@ -210,7 +220,6 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     the block waits for the last batch.
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`_written` raises them)
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
@@ -220,8 +229,7 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     def send(result: Any) -> None:
         if in_flight:
             _written(in_flight.pop())
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(key, value, stamp, result.epoch) for key, value in result.metrics.items()]
+        metrics = curve_points(result, int(time.time() * 1000))
         in_flight.append(client.log_batch(run_id, metrics=metrics, synchronous=False))
 
     yield send
@@ -238,21 +246,21 @@ def _written(operations: Any) -> None:
 
 
 def log_history(run_id: str, history: Sequence[Any]) -> None:
-    """Per-epoch metrics of `EpochResult`s (step = epoch), sent in a few batched requests."""
+    """Per-epoch metrics of `EpochResult`s (`epoch/<name>`, step = epoch), sent in a few batched requests."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
     now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now, result.epoch) for result in history for key, value in result.metrics.items()]
+    metrics = [metric for result in history for metric in curve_points(result, now)]
     client = MlflowClient()
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
 
-def log_training(train_seconds: float, files: dict[Path, bytes | str]) -> None:
-    """The training time and the stage's plots, after the loop (the curves went live: `live_history`)."""
-    mlflow_module().log_metric("train_seconds", train_seconds)
+def log_training(train_seconds: float, figures: dict[str, float], files: dict[Path, bytes | str]) -> None:
+    """After the loop (the curves went live: `live_history`): the training time, the final figures the
+    runs are compared by (`val_accuracy`, ...), and the stage's plots."""
+    mlflow_module().log_metrics({**figures, "train_seconds": train_seconds})
     log_files(files)
 
 
