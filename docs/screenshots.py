@@ -7,7 +7,7 @@ the README's own `mlflow ui` command on a free port, opens the README's link in 
 writes:
   mlflow_runs.png      the runs list as the README's link opens it: validation and test accuracy
   mlflow_overview.png  the Quickstart run's Overview: its figures, tags, parameters
-  mlflow_curves.png    its Model metrics tab, searched for "val_": the per-epoch validation curves
+  mlflow_curves.png    its Model metrics tab as it opens: the per-epoch curves (`epoch/`) first
   mlflow_compare.png   MLflow's page comparing the two runs: the plots they both hold, side by side
 and the Quickstart run's own plots (learning_curves.png, confusion.png, misclassified.png). It prints
 how long `dvc repro` took and each run's training time, for the README's figures.
@@ -82,8 +82,7 @@ def main() -> None:
             wait_drawn(page, "text=About this run")
             page.screenshot(path=args.out / "mlflow_overview.png")
             page.goto(f"{run_page}/model-metrics?{ML_VIEW}")
-            page.get_by_placeholder("Search metric charts").fill("val_")
-            drawn = f"document.querySelectorAll('{CARD} .js-plotly-plot .scatterlayer .trace').length >= 2"
+            drawn = f"document.querySelectorAll('{CARD} .js-plotly-plot .scatterlayer .trace').length >= 3"
             page.wait_for_function(f"() => {drawn}")
             page.screenshot(path=args.out / "mlflow_curves.png")
             compared = f'runs=["{first}","{latest}"]&experiments=["{experiment.experiment_id}"]'

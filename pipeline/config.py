@@ -47,6 +47,12 @@ MNIST_FILES = (
 )
 MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
+# The data's shape, stated once: 28x28 grey images, stored and served as rows of 784 pixels; the
+# classes are the digits 0-9, each the index of its logit.
+SIDE = 28
+PIXELS = SIDE * SIDE
+IMAGE = (SIDE, SIDE, 1)  # one image as a convolutional network sees it (height, width, channels)
+CLASSES = 10
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, chain, first_line
 from pipeline.secrets import redacted
 
 TEAM_EXTRA = 'pip install -c requirements.lock -e ".[team]"'
@@ -103,7 +103,7 @@ def unusable(url: str) -> str | None:
         with engine.connect():
             return None
     except SQLAlchemyError as error:
-        return hide_password(_first_line(error.orig if isinstance(error, DBAPIError) and error.orig else error), url)
+        return hide_password(first_line(error.orig if isinstance(error, DBAPIError) and error.orig else error), url)
     finally:
         engine.dispose()
 
@@ -114,15 +114,11 @@ def connection_lost(error: BaseException) -> str | None:
     else None. A wrong query, a bad password or a missing database are not that: waiting heals none."""
     from sqlalchemy.exc import DBAPIError
 
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in chain(error):
         if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return _first_line(current.orig or current)
+            return first_line(current.orig or current)
         if _server_gone(current):
-            return _first_line(current)
-        current = current.__cause__ or current.__context__
+            return first_line(current)
     return None
 
 
@@ -147,8 +143,3 @@ def _server_gone(error: BaseException) -> bool:
         return error.sqlstate.startswith(_GONE_CLASSES)
     text = str(error)  # a failed connection carries no SQLSTATE: the server's refusal, if any, is in the text
     return "FATAL:" not in text or _NOT_ACCEPTING in text
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

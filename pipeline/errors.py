@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from pipeline.secrets import redact_logging, redacted
@@ -81,6 +81,29 @@ def escaped(text: str, backslash: bool = True) -> str:
     return "".join(
         "\\\\" if char == "\\" and backslash else char if char.isprintable() else _escape(char) for char in text
     )
+
+
+def chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then each error behind it (`__cause__`, `__context__`, a SQLAlchemy error's `orig`), once
+    each: where the translations of errors look for the one that says what happened."""
+    seen: set[int] = set()
+    pending: list[object] = [error]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseException) and id(current) not in seen:
+            seen.add(id(current))
+            yield current
+            pending += [getattr(current, "orig", None), current.__context__, current.__cause__]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (MLflow's and TensorFlow's `.message` where there is one),
+    past SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble; else its type's
+    name. Without secrets: MLflow's messages hold the URL it called."""
+    lines = redacted(str(getattr(error, "message", "") or error)).strip().splitlines()
+    while len(lines) > 1 and lines[0].startswith("(raised as a result of"):
+        lines = lines[1:]
+    return lines[0] if lines else type(error).__name__
 
 
 def report(error: PipelineError) -> None:

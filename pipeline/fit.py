@@ -4,14 +4,17 @@ No files and no MLflow here, so the `train` stage, `mnist-tune`, the tests and t
 through the same code. The default parameters follow the reference program exactly: plain SGD on the
 mean sparse softmax cross-entropy; every epoch a fresh permutation of the training set (from a
 generator seeded by `train.seed`) array-split into `len(train) // batch_size` nearly equal batches;
-loss and accuracy on the validation set after every epoch. One epoch runs as a single XLA-compiled
-TensorFlow function, so Python runs once per epoch, not once per batch; docs/performance.md says why
-the loop looks as it does.
+the loss and `epoch_metrics()` on the training batches and on the validation set after every epoch.
+One epoch runs as a single XLA-compiled TensorFlow function, so Python runs once per epoch, not once per
+batch; a network whose gradient XLA cannot compute deterministically (max pooling's) trains through the
+same function without XLA. docs/performance.md says why the loop looks as it does, and what the
+fallback costs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,25 +24,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import quiet, timing
-from pipeline.config import ModelParams, TrainParams
-from pipeline.errors import DivergedError
+from pipeline.config import SIDE, ModelParams, TrainParams
+from pipeline.errors import DivergedError, PipelineError
 from pipeline.io import ALIGNMENT, Split
 
 if TYPE_CHECKING:
     import keras
 
-SIDE = 28  # MNIST images are 28x28, stored flattened
+log = logging.getLogger("pipeline.fit")
+
+
+def epoch_metrics() -> list[keras.metrics.Metric]:
+    """What every epoch reports besides the loss, as `train_<name>` and `val_<name>`: Keras metrics of
+    (labels, logits). A new per-epoch figure is one more line here."""
+    import keras
+
+    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
 
 @dataclass(frozen=True)
 class EpochResult:
-    """Metrics of one epoch: train figures are averaged over the epoch's batches, as Keras reports them."""
+    """One epoch's figures by name (`train_loss`, `train_accuracy`, `val_loss`, ...): train figures are
+    averaged over the epoch's batches, as Keras reports them."""
 
     epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,8 @@ def shift_images(x: Any, shifts: Any) -> Any:
 
 
 class Trainer:
-    """One XLA-compiled call per epoch and a plain-graph validation pass, both traced up front."""
+    """One XLA-compiled call per epoch (a plain graph where XLA refuses the network) and a plain-graph
+    validation pass, both traced up front."""
 
     def __init__(self, model: keras.Model, params: TrainParams, train: Split, validation: Split) -> None:
         import keras
@@ -138,6 +148,7 @@ class Trainer:
             self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # validation reports the plain cross-entropy, comparable across label_smoothing values
         self.val_loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.metrics = [keras.metrics.Mean(name="loss"), *epoch_metrics()]
         self.x, self.y = as_tensor(train.x), as_tensor(train.y)
         self.x_val, self.y_val = as_tensor(validation.x), as_tensor(validation.y)
         self.rng = np.random.default_rng(params.seed)
@@ -146,6 +157,7 @@ class Trainer:
         data = [tf.TensorSpec.from_tensor(self.x), tf.TensorSpec.from_tensor(self.y)]
         signature = [tf.TensorSpec((self.n,), tf.int32), *data]
         self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=signature)
+        self._plain_epoch = tf.function(self._epoch_body, jit_compile=False, input_signature=signature)
         self._validate = tf.function(self._validate_body, jit_compile=False, input_signature=[])
         self._epoch.get_concrete_function()  # trace only; XLA compiles on the first call
         self._validate.get_concrete_function()
@@ -158,7 +170,19 @@ class Trainer:
         shifts = tf.random.stateless_uniform((tf.shape(xb)[0], 2), seed, -limit, limit + 1, dtype=tf.int32)
         return shift_images(xb, shifts)
 
-    def _step(self, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+    def _measure(self, loss: Any, labels: Any, logits: Any, rows: Any) -> None:
+        self.metrics[0].update_state(loss, sample_weight=rows)
+        for metric in self.metrics[1:]:
+            metric.update_state(labels, logits)
+
+    def _results(self) -> dict[str, Any]:
+        """Each metric's value, then the metrics reset (in the graph, in that order) for the next pass."""
+        results = {metric.name: metric.result() for metric in self.metrics}
+        for metric in self.metrics:
+            metric.reset_state()
+        return results
+
+    def _step(self, x: Any, y: Any, idx: Any) -> None:
         import tensorflow as tf
 
         xb, yb = tf.gather(x, idx), tf.gather(y, idx)
@@ -169,37 +193,49 @@ class Trainer:
             loss = self.loss_fn(yb, logits)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
-        rows = tf.cast(tf.shape(idx)[0], tf.float32)
-        return loss * rows, _correct(logits, yb)
+        self._measure(loss, yb, logits, tf.cast(tf.shape(idx)[0], tf.float32))
 
-    def _epoch_body(self, permutation: Any, x: Any, y: Any) -> tuple[Any, Any]:
+    def _epoch_body(self, permutation: Any, x: Any, y: Any) -> dict[str, Any]:
         import tensorflow as tf
 
-        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         start = 0
         for count, size in self.layout:
             batches = tf.reshape(permutation[start : start + count * size], (count, size))
             start += count * size
             for i in tf.range(count):
-                batch_loss, batch_correct = self._step(x, y, batches[i])
-                loss_sum += batch_loss
-                correct += batch_correct
-        return loss_sum / self.n, correct / self.n
+                self._step(x, y, batches[i])
+        return self._results()
 
-    def _validate_body(self) -> tuple[Any, Any]:
+    def _validate_body(self) -> dict[str, Any]:
+        logits = self.model(self.x_val, training=False)
+        self._measure(self.val_loss_fn(self.y_val, logits), self.y_val, logits, None)
+        return self._results()
+
+    def _train(self, permutation: np.ndarray) -> dict[str, Any]:
+        """The epoch's XLA call. If XLA refuses the network before anything ran (it has no deterministic
+        gradient for max pooling, no kernel for some ops), this and every later epoch run as a plain graph,
+        still deterministic; if that is refused too, one line says so."""
         import tensorflow as tf
 
-        logits = self.model(self.x_val, training=False)
-        return self.val_loss_fn(self.y_val, logits), _correct(logits, self.y_val) / tf.cast(
-            tf.size(self.y_val), tf.float32
-        )
+        try:
+            return self._epoch(permutation, self.x, self.y)
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as error:
+            if self._epoch is not self._plain_epoch and not int(self.optimizer.iterations):
+                log.info("XLA cannot compile this network (%s): training without XLA", _first_line(error))
+                self._epoch = self._plain_epoch
+                return self._train(permutation)
+            if isinstance(error, tf.errors.UnimplementedError):
+                raise PipelineError(
+                    f"no deterministic way to train this network here ({_first_line(error)}); replace that "
+                    "layer in pipeline/model.py build_model."
+                ) from None
+            raise
 
     def run_epoch(self, epoch: int) -> EpochResult:
         """One pass over a fresh permutation of the training set, then validation."""
-        permutation = self.rng.permutation(self.n).astype(np.int32)
-        train_loss, train_accuracy = self._epoch(permutation, self.x, self.y)
-        val_loss, val_accuracy = self._validate()
-        return EpochResult(epoch, float(train_loss), float(train_accuracy), float(val_loss), float(val_accuracy))
+        train, val = self._train(self.rng.permutation(self.n).astype(np.int32)), self._validate()
+        figures = {f"train_{name}": value for name, value in train.items()} | {f"val_{n}": v for n, v in val.items()}
+        return EpochResult(epoch, {name: float(value) for name, value in figures.items()})
 
 
 def as_tensor(array: np.ndarray) -> Any:
@@ -214,19 +250,17 @@ def as_tensor(array: np.ndarray) -> Any:
     return tf.constant(array)
 
 
-def _correct(logits: Any, labels: Any) -> Any:
-    """How many rows have the label as their top-1 logit (as a float, to sum and divide)."""
-    import tensorflow as tf
-
-    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32))
+def _first_line(error: Any) -> str:
+    return (error.message or type(error).__name__).strip().splitlines()[0]
 
 
 def check_finite(result: EpochResult, params: TrainParams) -> None:
     """A NaN or infinite loss means the weights are ruined: stop, never hand on such a model."""
-    if all(math.isfinite(value) for value in (result.train_loss, result.val_loss)):
+    train_loss, val_loss = result.metrics["train_loss"], result.metrics["val_loss"]
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
         return
     raise DivergedError(
-        f"training diverged: the loss is {result.train_loss} (validation {result.val_loss}) after epoch "
+        f"training diverged: the loss is {train_loss} (validation {val_loss}) after epoch "
         f"{result.epoch}; lower train.learning_rate (now {params.learning_rate}), or use fewer or smaller "
         "hidden layers. Nothing was saved or registered."
     )
@@ -243,11 +277,11 @@ def fit(
 
     Raises `DivergedError` at the first epoch whose loss is not finite.
     """
-    from pipeline.model import build_model
+    from pipeline.model import network
 
     with timing.phase("build the network, trace the graphs"):
         seed_everything(train_params.seed)
-        model = build_model(model_params)
+        model = network(model_params)
         trainer = Trainer(model, train_params, train, validation)
     history: list[EpochResult] = []
     seconds = 0.0

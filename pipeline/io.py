@@ -83,7 +83,7 @@ def _no_space(target: Path, size: int | None) -> ResourceError:
 
 
 class Split(NamedTuple):
-    """One split of the data: float32 pixels (n, 784) in [0, 1] and int32 labels (n,)."""
+    """One split of the data: float32 pixels (n, config.PIXELS) in [0, 1] and int32 labels (n,)."""
 
     x: np.ndarray
     y: np.ndarray

@@ -5,6 +5,10 @@ Each hidden layer is a dense layer WITHOUT activation, then batch normalization,
 layer on the logits but never uses its output, so the effective model has raw logits; set
 `model.batch_norm_logits: true` to train the variant that does use it.
 
+`build_model` is the one place that says what the network is: replace its body with any Keras model
+from rows of `PIXELS` (or images of shape `IMAGE`) to `CLASSES` logits, a convnet for instance, and
+the stages train, evaluate, register and serve it unchanged.
+
 Keras is imported inside the functions, so that `load` can report a missing file before paying for
 TensorFlow's start-up and `mnist-predict` fails fast on a wrong path.
 """
@@ -12,22 +16,23 @@ TensorFlow's start-up and `mnist-predict` fails fast on a wrong path.
 from __future__ import annotations
 
 import json
+import math
+import sys
+import warnings
 import zipfile
-from itertools import pairwise
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
 
-from pipeline.config import MODEL_FILE, ModelParams
-from pipeline.errors import DataError, ResourceError
+from pipeline.config import CLASSES, MODEL_FILE, PIXELS, ModelParams
+from pipeline.errors import ConfigError, DataError, ResourceError, chain
 
 if TYPE_CHECKING:
     import keras
 
-N_FEATURES = 28 * 28
-N_CLASSES = 10
 BN_EPSILON = 1e-3  # the TF1 default that the reference uses
 
 
@@ -35,7 +40,7 @@ def build_model(params: ModelParams) -> keras.Model:
     """Dense -> BatchNorm -> activation for each hidden layer, then dense logits."""
     import keras
 
-    inputs = keras.Input(shape=(N_FEATURES,), name="pixels")
+    inputs = keras.Input(shape=(PIXELS,), name="pixels")
     x = inputs
     for i, units in enumerate(params.hidden_units, start=1):
         x = keras.layers.Dense(units, name=f"hidden{i}")(x)
@@ -43,7 +48,7 @@ def build_model(params: ModelParams) -> keras.Model:
         x = keras.layers.Activation(params.activation, name=f"{params.activation}{i}")(x)
         if params.dropout:
             x = keras.layers.Dropout(params.dropout, name=f"dropout{i}")(x)
-    logits = keras.layers.Dense(N_CLASSES, name="logits")(x)
+    logits = keras.layers.Dense(CLASSES, name="logits")(x)
     if params.batch_norm_logits:
         logits = keras.layers.BatchNormalization(
             momentum=params.batch_norm_momentum, epsilon=BN_EPSILON, name="bn_logits"
@@ -51,27 +56,73 @@ def build_model(params: ModelParams) -> keras.Model:
     return keras.Model(inputs, logits, name="mnist_bn_mlp")
 
 
+def network(params: ModelParams) -> keras.Model:
+    """`build_model`'s network, fed the rows of `PIXELS` that the data and the served model hold: one that
+    declares another input shape (`IMAGE`) gets a Reshape in front."""
+    import keras
+
+    deep_enough(4 * len(params.hidden_units) + 4)
+    model = build_model(params)
+    inner = tuple(model.input_shape[1:])
+    if inner == (PIXELS,):
+        return model
+    rows = keras.Input(shape=(PIXELS,), name="pixels")
+    return keras.Model(rows, model(keras.layers.Reshape(inner, name="image")(rows)), name=model.name)
+
+
+def _shape_only(params: ModelParams) -> keras.Model:
+    """The network with the shapes of its weights but none of their memory: built inside a
+    `keras.StatelessScope` in a thread of its own, since Keras keeps the weights it has yet to create per
+    thread (and would create them at the next symbolic call of this one). One whose input is not
+    `PIXELS` values or whose output is not `CLASSES` logits per image is refused with one line."""
+    import keras
+
+    def build() -> keras.Model:
+        with keras.StatelessScope(initialize_variables=False):
+            return build_model(params)
+
+    deep_enough(4 * len(params.hidden_units) + 4)
+    with ThreadPoolExecutor(1) as thread:
+        probe = thread.submit(build).result()
+    takes, gives = tuple(probe.input_shape[1:]), tuple(probe.output_shape[1:])
+    if math.prod(takes) != PIXELS or gives != (CLASSES,):
+        raise ConfigError(
+            f"the network of pipeline/model.py build_model takes {takes} and outputs {gives} per image; it must "
+            f"take {PIXELS} pixels (any shape of that size) and output {CLASSES} logits."
+        )
+    return probe
+
+
+def deep_enough(layers: int) -> None:
+    """Keras walks a network's graph recursively (to build, save and load it), a frame or two per layer:
+    past a few hundred hidden layers Python's default limit of 1,000 frames ends in a RecursionError."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 4 * layers))
+
+
 def parameter_count(params: ModelParams) -> int:
-    """Weights of the network (dense kernels and biases, batch-norm scale, offset and moving stats)."""
-    sizes = [N_FEATURES, *params.hidden_units, N_CLASSES]
-    dense = sum(n_in * n_out + n_out for n_in, n_out in pairwise(sizes))
-    return dense + 4 * sum(params.hidden_units) + (4 * N_CLASSES if params.batch_norm_logits else 0)
+    """Weights of the network `build_model` makes (trainable or not: batch norm's moving statistics count)."""
+    return int(_shape_only(params).count_params())
 
 
 def check_fits_in_memory(params: ModelParams, batch_size: int, slots: int = 2) -> None:
     """Fail before building a network whose training cannot fit in this machine's free memory.
 
     Training holds each weight about (2 + `slots`) times in float32 (the weight, its gradient and the
-    optimizer's slots), plus a batch of activations of every layer kept for the backward pass.
+    optimizer's slots), plus a batch of every layer's outputs and their gradients for the backward pass.
+    The sizes come from the network itself, built without its weights' memory (`_shape_only`).
     """
-    floats = (2 + slots) * parameter_count(params) + 3 * batch_size * sum(params.hidden_units)
-    needed = 4 * floats
+    import keras
+
+    probe = _shape_only(params)
+    weights = probe.count_params()
+    outputs = sum(math.prod(out.shape[1:]) for layer in probe.layers for out in keras.tree.flatten(layer.output))
+    needed = 4 * ((2 + slots) * weights + 2 * batch_size * outputs)
     available = psutil.virtual_memory().available  # what can be had without swapping (Linux's MemAvailable)
     if needed > available:
         raise ResourceError(
-            f"model.hidden_units {params.hidden_units} needs about {needed / 1e9:.1f} GB to train "
-            f"({parameter_count(params):,} weights), but this machine has {available / 1e9:.1f} GB free; "
-            "use fewer or smaller hidden layers."
+            f"the network needs about {needed / 1e9:.1f} GB to train ({weights:,} weights), but this machine has "
+            f"{available / 1e9:.1f} GB free; use fewer or smaller hidden layers (model.hidden_units is "
+            f"{params.hidden_units}), or a smaller network in pipeline/model.py build_model."
         )
 
 
@@ -126,11 +177,26 @@ def load(path: Path = MODEL_FILE) -> keras.Model:
     import keras
 
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        with zipfile.ZipFile(path) as archive:
+            deep_enough(archive.read("config.json").count(b'"class_name"'))
+        with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
+            warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged zip or config
+        if holds_code(error):
+            raise DataError(f"{path} {HOLDS_CODE}; use a model trained by `dvc repro train`.") from None
         raise DataError(
             f"{path} cannot be loaded ({type(error).__name__}); run `dvc repro -f train` to rebuild it."
         ) from None
+
+
+HOLDS_CODE = "holds code (a Lambda layer or another stored Python function), which the pipeline never runs"
+
+
+def holds_code(error: BaseException) -> bool:
+    """Whether Keras' safe mode refused to load a model because it holds code (its errors all say how to
+    allow it: `safe_mode=False`)."""
+    return any("safe_mode=False" in str(found) for found in chain(error))
 
 
 def probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:

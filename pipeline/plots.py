@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.config import SIDE
+
 
 def png(figure: Figure) -> bytes:
     """`figure` as PNG bytes, without the metadata that would change with each run or version; closes it."""
@@ -27,10 +29,11 @@ def png(figure: Figure) -> bytes:
 
 
 def learning_curves(history: Sequence[dict[str, float]]) -> Figure:
-    """Loss and accuracy per epoch, train beside validation."""
+    """Each per-epoch figure (`train_<name>` and `val_<name>`: loss, accuracy, ...), train beside validation."""
     epochs = [row["epoch"] for row in history]
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+    names = [key.removeprefix("train_") for key in history[0] if key.startswith("train_")]
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), layout="constrained", squeeze=False)
+    for ax, metric in zip(axes[0], names, strict=True):
         ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker=".", label="train")
         ax.plot(epochs, [row[f"val_{metric}"] for row in history], marker=".", label="validation")
         ax.set(xlabel="epoch", ylabel=metric, title=metric.capitalize())
@@ -61,7 +64,7 @@ def worst_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.nda
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, chosen, strict=False):
-        ax.imshow(images[index].reshape(28, 28), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(images[index].reshape(SIDE, SIDE), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(
             f"true {labels[index]}\npred {predicted[index]} ({probabilities[index, predicted[index]]:.0%})", fontsize=8
         )

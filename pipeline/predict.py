@@ -32,11 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import quiet, tracking
 from pipeline.cli import ArgumentParser
+from pipeline.config import CLASSES, SIDE
 from pipeline.errors import DataError, escaped, report, run_stage
 
 DEFAULT_MODEL = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
-SIDE = 28  # the MNIST canvas
-CENTRE = 14  # the row and column of the centre of mass of MNIST digits
+CENTRE = SIDE // 2  # the row and column of the centre of mass of MNIST digits
 BOX = 20  # MNIST scales each digit to fit 20x20, leaving a 4 px margin for the centre-of-mass shift
 MIN_CONTRAST = 32  # grey levels between paper and ink below which we call the image blank
 INK = 0.2  # fraction of the ink's full strength that counts as digit (not paper noise) for the crop
@@ -56,7 +56,7 @@ Prediction = tuple[Path, int, float]
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
-    """Any image of one digit -> the 784 float32 values in [0, 1] that MNIST would hold for it."""
+    """Any image of one digit -> the `PIXELS` float32 values in [0, 1] that MNIST would hold for it."""
     image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # drawing apps export dark strokes on a transparent background: put them on white paper
@@ -227,8 +227,8 @@ def load_mlflow(uri: str) -> tuple[Classifier, str]:
 
 
 def load_model(uri: str) -> tuple[Classifier, str]:
-    """A function from (n, 784) float32 pixels to (n, 10) class probabilities, and the model's name
-    (`mnist-bn-mlp version 3 (@champion)`, or the file)."""
+    """A function from (n, `PIXELS`) float32 pixels to (n, `CLASSES`) class probabilities, and the model's
+    name (`mnist-bn-mlp version 3 (@champion)`, or the file)."""
     return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
 
 
@@ -257,8 +257,8 @@ def classify(
     model, name = load_model(model_uri)
     log.info("model: %s", name)  # on stderr, before the results on stdout
     probabilities = model(np.stack(images))
-    if probabilities.shape != (len(readable), 10):
-        raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not ten classes per image.")
+    if probabilities.shape != (len(readable), CLASSES):
+        raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not {CLASSES} classes per image.")
     return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
 
 

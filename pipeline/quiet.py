@@ -27,6 +27,10 @@ _NOISE = re.compile(
     r"This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate compiler flags|"
     r"cpu_feature_guard\.cc|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
     r"use_unbounded_threadpool|"
+    # XLA refusing to compile a training (max pooling's gradient), with the nodes it names: fit.py falls back
+    # to a plain graph and says so in one line
+    r"Executor failed to create kernel\. UNIMPLEMENTED|tf2xla conversion failed while converting|"
+    r"^\s*\[\[(while|\{\{node gradient_tape/.*\}\})\]\]\s*$|"
     # a cache entry is tried as text before binary; the binary form is the one XLA's cache writes
     r"Error parsing text-format tensorflow\.XlaSerializedCacheEntry|"
     # Loading a cache entry, XLA:CPU checks each feature it was compiled for against the host's, and

@@ -20,11 +20,10 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 from pipeline import quiet
 from pipeline.config import XLA_CACHE_DIR
-from pipeline.errors import PipelineError, ResourceError
+from pipeline.errors import PipelineError, ResourceError, first_line
 
 # Keras imports these at start-up only for integrations the pipeline never uses (DataFrame inputs,
 # image galleries, scikit-learn wrappers), each inside `try: ... except ImportError`. Hidden while
@@ -89,11 +88,6 @@ def import_tensorflow(cache_root: Path | None = None) -> None:
         tensorflow.config.list_logical_devices()  # initialises the runtime, as the first op would
 
 
-def _first_line(error: Any) -> str:
-    message = (error.message or "").strip()
-    return message.splitlines()[0] if message else type(error).__name__
-
-
 @contextlib.contextmanager
 def cache_errors_explained() -> Iterator[None]:
     """TensorFlow's errors of a compiled training in one line: running out of memory is a ResourceError;
@@ -105,7 +99,7 @@ def cache_errors_explained() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as error:
-        reason = _first_line(error)
+        reason = first_line(error)
         if isinstance(error, tf.errors.ResourceExhaustedError):
             raise ResourceError(
                 f"TensorFlow ran out of memory while training ({reason}); use fewer or smaller hidden layers "

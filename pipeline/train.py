@@ -10,7 +10,6 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import io, lineage, quiet, timing
@@ -28,7 +27,6 @@ from pipeline.config import (
 )
 from pipeline.errors import run_stage
 from pipeline.fit import EpochResult, Fitted, fit
-from pipeline.model import check_fits_in_memory
 
 log = logging.getLogger("pipeline.train")
 
@@ -41,10 +39,7 @@ def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
     with tqdm(total=epochs, desc="train", unit="epoch", disable=None, file=sys.stderr) as bar:
 
         def report(result: EpochResult) -> None:
-            figures = (
-                f"loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} "
-                f"val_loss {result.val_loss:.4f} val_acc {result.val_accuracy:.4f}"
-            )
+            figures = " ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
             if bar.disable:
                 log.info("epoch %d/%d: %s", result.epoch, epochs, figures)
             else:
@@ -56,27 +51,26 @@ def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
 
 def history_csv(history: list[EpochResult]) -> str:
     """Per-epoch learning curves in the CSV form `dvc plots` reads."""
-    fields = list(asdict(history[0]))
-    rows = [",".join(fields)] + [
-        ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(r).values()) for r in history
-    ]
+    rows = [",".join(["epoch", *history[0].metrics])]
+    rows += [",".join([str(r.epoch), *(f"{value:.6g}" for value in r.metrics.values())]) for r in history]
     return "\n".join(rows) + "\n"
 
 
 def summary(fitted: Fitted) -> dict[str, float]:
     """metrics/train.json: what `dvc exp show` compares, the last epoch's validation figures (the
     MLflow run, named in runs/train.json, holds every epoch, the training figures and the time)."""
-    return {"val_accuracy": fitted.history[-1].val_accuracy, "val_loss": fitted.history[-1].val_loss}
+    last = fitted.history[-1].metrics
+    return {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
 
 
 def train(params: Params) -> Fitted:
     """Train; log params, curves, plots and the registered model; then replace the stage's outputs."""
-    check_fits_in_memory(params.model, params.train.batch_size)  # before the slow imports and any run
     with timing.phase("import TensorFlow and MLflow"):
         from pipeline import model, plots, runtime, tracking
 
         runtime.import_tensorflow(project_root())  # first, so that its start-up noise is filtered
         tracking.mlflow_module()  # here, so that the phases below time work, not imports
+    model.check_fits_in_memory(params.model, params.train.batch_size)  # the network's size, before any run
     with timing.phase("load data, lineage tags"):
         data_files = {split: prepared_file(split) for split in ("train", "validation")}
         train_set, validation = (io.load_split(path) for path in data_files.values())
@@ -106,11 +100,11 @@ def train(params: Params) -> Fitted:
             "trained %d epochs in %.2f s: val_accuracy %.4f",
             params.train.epochs,
             fitted.train_seconds,
-            fitted.history[-1].val_accuracy,
+            fitted.history[-1].metrics["val_accuracy"],
         )
         with timing.phase("plots and outputs"):
             curves = history_csv(fitted.history)
-            figure = plots.png(plots.learning_curves([asdict(result) for result in fitted.history]))
+            figure = plots.png(plots.learning_curves([{"epoch": r.epoch, **r.metrics} for r in fitted.history]))
             # Written to temporary files first, so a full disk fails here, before anything is registered.
             out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
             out.write_bytes(CURVES_FILE, figure)
@@ -119,11 +113,11 @@ def train(params: Params) -> Fitted:
             out.write_json(RUN_FILE, {"mlflow_run_id": run_id})
         with timing.phase("MLflow: training time and plots"):
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
-            tracking.log_training(fitted.train_seconds, files)
+            tracking.log_training(fitted.train_seconds, summary(fitted), files)
         with timing.phase("MLflow: log and register the model"):
             changed = lineage.changed_params(params.flat(), PARAMS_FILE)
             version = tracking.log_model(fitted.model, validation.x[:5], datasets["validation"], changed)
-            champion = tracking.promote_if_better(run_id, fitted.history[-1].val_accuracy)
+            champion = tracking.promote_if_better(run_id, fitted.history[-1].metrics["val_accuracy"])
     log.info(
         "registered as version %s of %s%s",
         version,

@@ -40,7 +40,7 @@ PAGE = REPO / "docs/team.md"
 NOT_RUN = {
     shlex.join(["pip", "install", "-c", "requirements.lock", "-e", ".[team]"]): "the tests' environment has it",
 }
-_BLOCK = re.compile(r"^```(bash|sql)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_BLOCK = re.compile(r"^```(bash|sql|ini)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def normalized(line: str) -> str:
@@ -91,6 +91,11 @@ class TeamDoc:
         """The statements of the page's SQL block, with the test's password for the page's."""
         statements = " ".join(blocks("sql")).split(";")
         return [" ".join(s.split()).replace("'change-me'", password) for s in statements if s.strip()]
+
+    def ini(self) -> str:
+        """The page's settings file (MLflow's authentication), with the test's places: its percent-encoded
+        password's `%` written `%%`, as the page says."""
+        return self.here(blocks("ini")[0]).replace("%", "%%")
 
     def not_run(self) -> list[str]:
         """The page's commands that no test ran (and that NOT_RUN does not excuse)."""

@@ -9,7 +9,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.errors import escaped
+from pipeline.errors import chain, escaped, first_line
 
 
 def decoded(text: str) -> str:
@@ -40,3 +40,37 @@ def test_an_error_about_a_name_with_a_newline_is_one_line() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr == "error: a\\nb.png\\tis bad\n"
+
+
+def test_chain_walks_causes_contexts_and_sqlalchemys_orig_once_each() -> None:
+    """Real SQLAlchemy and sqlite3 errors: the driver's error behind SQLAlchemy's (`orig`), the error a
+    handler raised from (`__cause__`) and the one it was handling (`__context__`); a cycle ends."""
+    import sqlite3
+
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine("sqlite://")
+    try:
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT * FROM missing"))
+        except sqlalchemy.exc.OperationalError:
+            try:
+                raise KeyError("while handling")
+            except KeyError as handled:
+                raise RuntimeError("outer") from handled
+    except RuntimeError as error:
+        outer = error
+    found = list(chain(outer))
+    kinds = [type(e) for e in found]
+    assert kinds[:2] == [RuntimeError, KeyError] and sqlalchemy.exc.OperationalError in kinds
+    assert sqlite3.OperationalError in kinds and len(found) == len({id(e) for e in found})
+    found[-1].__context__ = outer  # a cycle
+    assert len(list(chain(outer))) == len(found)
+
+
+def test_first_line_skips_sqlalchemys_preamble_and_hides_passwords() -> None:
+    autoflush = "(raised as a result of Query-invoked autoflush; ...)\n(sqlite3.OperationalError) disk full\nmore"
+    assert first_line(RuntimeError(autoflush)) == "(sqlite3.OperationalError) disk full"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert "s3cret" not in first_line(RuntimeError("failed: http://alice:s3cret@host:5000/api"))

@@ -208,6 +208,93 @@ def test_unreachable_tracking_server_fails_fast_before_training(repo: Path) -> N
     assert elapsed < 30  # seconds: interpreter and TensorFlow start-up, then one refused connection
 
 
+def test_a_server_that_stops_answering_mid_training_is_said_within_a_minute(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real `mlflow server` paused after epoch 3 (SIGSTOP: its socket still accepts connections and
+    nothing answers, as on a paused host): one line within about a minute, no urllib3 retry lines, the
+    outputs as they were; the run, which nothing could end, is ended by the next run on this host."""
+    from test_server import server_process
+
+    from pipeline import tracking
+
+    set_params(repo, train__epochs=500)
+    before = snapshot(repo)
+    with server_process(tmp_path, ENV) as (url, server):
+        env = ENV | {"MLFLOW_TRACKING_URI": url}
+        command = [sys.executable, "-m", "pipeline.train"]
+        with started(command, cwd=repo, env=env, stderr=subprocess.PIPE) as process:
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if line.startswith("epoch 3/"):
+                    break
+            os.killpg(server.popen.pid, signal.SIGSTOP)
+            paused = time.monotonic()
+            try:
+                stderr = "".join(lines) + process.stderr.read()
+                code = process.wait(timeout=300)
+                noticed = time.monotonic() - paused
+            finally:
+                os.killpg(server.popen.pid, signal.SIGCONT)
+        print(f"said {noticed:.0f} s after the server stopped answering")
+        assert_failed_cleanly(repo, before, code, stderr, url, "did not answer (timed out)")
+        assert "Retrying" not in stderr and "urllib3" not in stderr, stderr
+        assert noticed < 90
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        ended = tracking.end_orphaned_runs(tracking.connect())  # what the next run on this host does first
+        runs = MlflowClient(tracking_uri=url).search_runs([tracking.connect()])
+        assert [r.info.status for r in runs] == ["KILLED"] and [r.info.run_id for r in runs] == ended
+
+
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{folder}/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+def test_a_user_who_may_only_read_is_told_which_permission_to_ask_for(repo: Path, tmp_path: Path) -> None:
+    """MLflow's own authentication (`mlflow server --app-name basic-auth`), a user with its default READ
+    permission on the experiment an admin created: the train stage and `mnist-tune` each say in one line
+    which user may not write and how to get the permission; nothing is written, no password shown."""
+    from test_server import server_process
+
+    (tmp_path / "auth.ini").write_text(AUTH_INI.format(folder=tmp_path))
+    admin = ("admin", "admin-Secret-1")
+    server_env = ENV | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-key-for-the-forms",
+    }
+    before = snapshot(repo)
+    with server_process(tmp_path, server_env, options=("--app-name", "basic-auth")) as (url, _):
+        as_admin = requests.Session()
+        as_admin.auth = admin
+        created = as_admin.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "mnist-batchnorm"})
+        user = {"username": "reader", "password": "reader-Secret-2"}
+        assert created.ok and as_admin.post(f"{url}/api/2.0/mlflow/users/create", json=user).ok
+        env = ENV | {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": user["username"],
+            "MLFLOW_TRACKING_PASSWORD": user["password"],
+        }
+        asked = "ask an admin of the server to grant reader EDIT on the experiment mnist-batchnorm"
+        done = run(sys.executable, "-m", "pipeline.train", cwd=repo, env=env)
+        assert_failed_cleanly(repo, before, done.returncode, done.stderr, "user reader may not write there", asked)
+        tune = run("mnist-tune", "--study", "read-only", "--trials", "1", cwd=repo, env=env)
+        line = error_line(tune.stderr)
+        assert tune.returncode == 1 and "user reader may not write there" in line and asked in line, line
+        assert "check the store" not in line
+        for output in (done.stdout, done.stderr, tune.stdout, tune.stderr):
+            assert user["password"] not in output and admin[1] not in output
+        runs = as_admin.post(
+            f"{url}/api/2.0/mlflow/runs/search", json={"experiment_ids": [created.json()["experiment_id"]]}
+        )
+        assert runs.ok and runs.json().get("runs", []) == [], "the server holds no run of the refused user"
+
+
 @contextmanager
 def broken_artifact_store(repo: Path) -> Iterator[None]:
     """`mlartifacts/` replaced by a plain file: the database works, every artifact upload fails."""
@@ -385,9 +472,7 @@ def test_a_store_locked_for_a_while_is_waited_for_and_said(repo: Path) -> None:
 
 
 @pytest.mark.parametrize("verbose", ["0", "1"], ids=["quiet", "PIPELINE_VERBOSE"])
-def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(
-    repo: Path, verbose: str
-) -> None:
+def test_a_store_locked_from_epoch_1_fails_in_one_line_and_the_next_run_ends_the_run(repo: Path, verbose: str) -> None:
     set_params(repo, train__seed=13)
     before = snapshot(repo)
     command = [sys.executable, "-m", "pipeline.train"]

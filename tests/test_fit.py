@@ -3,6 +3,8 @@ beyond the tutorial, and divergence stopping the training."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,7 +13,7 @@ from workspace import REPO
 
 from pipeline.config import ModelParams, TrainParams, load_params
 from pipeline.errors import DivergedError
-from pipeline.fit import EpochResult, batch_layout, fit, shift_images
+from pipeline.fit import EpochResult, batch_layout, epoch_metrics, fit, shift_images
 from pipeline.io import Split
 
 DEFAULTS = load_params(REPO / "params.yaml")
@@ -71,8 +73,8 @@ def baseline(data: tuple[Split, Split]) -> tuple[list[np.ndarray], list[EpochRes
 def test_training_learns_small_data(baseline: tuple[list[np.ndarray], list[EpochResult]]) -> None:
     _, results = baseline
     assert [r.epoch for r in results] == [1, 2, 3]
-    assert results[-1].train_loss < results[0].train_loss
-    assert results[-1].val_accuracy > 0.9  # chance is 0.1
+    assert results[-1].metrics["train_loss"] < results[0].metrics["train_loss"]
+    assert results[-1].metrics["val_accuracy"] > 0.9  # chance is 0.1
 
 
 def test_same_seed_gives_bit_identical_weights(
@@ -115,7 +117,7 @@ def assert_learns_and_is_deterministic(model: ModelParams, even: tuple[Split, Sp
     second, again = train_weights(MODERN, *even, model=model)
     assert results == again
     assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
-    assert results[-1].val_accuracy > 0.5  # chance is 0.1; shifts blur these non-spatial blobs
+    assert results[-1].metrics["val_accuracy"] > 0.5  # chance is 0.1; shifts blur these non-spatial blobs
 
 
 def test_modern_recipe_learns_and_is_deterministic(even: tuple[Split, Split]) -> None:
@@ -139,7 +141,7 @@ def test_modern_recipe_with_dropout_learns_and_is_deterministic(even: tuple[Spli
 @pytest.mark.e2e  # three more trainings: in the full run, not the inner loop
 def test_every_optimizer_learns(even: tuple[Split, Split], update: dict[str, object]) -> None:
     _, results = train_weights(TRAIN.model_copy(update=update), *even)
-    assert results[-1].val_accuracy > 0.9
+    assert results[-1].metrics["val_accuracy"] > 0.9
 
 
 @pytest.mark.e2e  # six trainings: in the full run; the inner loop trains with all knobs on (test_modern_recipe_...)
@@ -173,3 +175,28 @@ def test_divergence_stops_training_with_a_clear_error(even: tuple[Split, Split])
     assert "after epoch 1;" in str(raised.value)
     assert seen == []
 
+
+def test_a_network_xla_refuses_trains_without_it_deterministically(
+    even: tuple[Split, Split], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Max pooling has no deterministic gradient in XLA: the same training runs as a plain graph."""
+    from test_model import small_convnet
+
+    from pipeline import model
+
+    monkeypatch.setattr(model, "build_model", small_convnet)
+    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
+        first, results = train_weights(TRAIN, *even)
+    assert "training without XLA" in caplog.text
+    second, again = train_weights(TRAIN, *even)
+    assert results == again
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+    assert results[-1].metrics["val_accuracy"] > 0.9
+
+
+def test_every_epoch_reports_the_loss_and_each_metric_for_both_sets(
+    baseline: tuple[list[np.ndarray], list[EpochResult]],
+) -> None:
+    _, results = baseline
+    names = ["loss", *(metric.name for metric in epoch_metrics())]
+    assert list(results[0].metrics) == [f"train_{n}" for n in names] + [f"val_{n}" for n in names]

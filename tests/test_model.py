@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from pipeline.config import ModelParams
-from pipeline.errors import DataError, ResourceError
+from pipeline.errors import ConfigError, DataError, ResourceError
 from pipeline.model import (
     build_model,
     canonical_ids,
@@ -19,6 +22,9 @@ from pipeline.model import (
     save,
     with_softmax,
 )
+
+if TYPE_CHECKING:
+    import keras
 
 REFERENCE = ModelParams(
     hidden_units=[300, 100], activation="elu", batch_norm_momentum=0.9, batch_norm_logits=False, dropout=0.0
@@ -153,6 +159,87 @@ def test_a_model_saved_by_two_processes_is_the_same_archive(tmp_path: Path) -> N
     for name in ("a.keras", "b.keras"):
         subprocess.run([sys.executable, "-c", code, tmp_path / name], check=True, capture_output=True, timeout=300)
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+
+
+def small_convnet(params: ModelParams) -> keras.Model:
+    """A `build_model` replaced by a convnet on 28x28x1 images, as a user would write it."""
+    import keras
+
+    from pipeline.config import CLASSES, IMAGE
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=IMAGE),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+
+
+def test_a_network_of_images_is_fed_the_rows_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import model
+
+    monkeypatch.setattr(model, "build_model", small_convnet)
+    net = model.network(REFERENCE)
+    assert net.input_shape == (None, 784) and net.output_shape == (None, 10)
+    x = np.random.default_rng(0).random((3, 784), dtype=np.float32)
+    inner = net.layers[-1]  # the convnet itself, behind the Reshape
+    np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(inner(x.reshape(3, 28, 28, 1))))
+    assert model.parameter_count(REFERENCE) == net.count_params() == (9 * 4 + 4) + (13 * 13 * 4 * 10 + 10)
+    model.check_fits_in_memory(REFERENCE, batch_size=250)  # sized from the network itself: it fits
+
+
+def test_a_network_that_does_not_fit_mnist_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    from pipeline import model
+
+    def three_channels(params: ModelParams) -> keras.Model:
+        inputs = keras.Input(shape=(28, 28, 3))
+        return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+
+    monkeypatch.setattr(model, "build_model", three_channels)
+    with pytest.raises(ConfigError, match=r"takes \(28, 28, 3\) and outputs \(10,\) per image; it must take 784"):
+        model.check_fits_in_memory(REFERENCE, batch_size=250)
+
+
+def test_counting_a_large_network_takes_no_memory_for_its_weights() -> None:
+    """The probe's weights are never made: not while counting, nor when a network is built afterwards with a
+    layer whose output shape Keras finds by running it (a Lambda): that closes a StatelessScope of Keras' own,
+    which makes every pending weight of its thread (5 GB here, were the probe built in this thread)."""
+    import keras
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    large = REFERENCE.model_copy(update={"hidden_units": [20_000, 20_000]})  # 416 M weights: 1.7 GB of float32
+    dense = 784 * 20_000 + 20_000 + 20_000 * 20_000 + 20_000 + 20_000 * 10 + 10
+    assert parameter_count(large) == dense + 2 * 4 * 20_000
+    inputs = keras.Input(shape=(8,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    assert process.memory_info().rss - before < 500e6
+
+
+@pytest.mark.e2e  # building, saving and loading 2,800 Keras layers takes a minute or two on 2 cores
+def test_a_network_of_700_hidden_layers_builds_saves_and_loads(tmp_path: Path) -> None:
+    """Past about 250 hidden layers, Keras' recursive walks of the graph exceeded Python's default limit of
+    1,000 frames (RecursionError); the limit now follows the depth. A fresh process, at the default limit."""
+    script = (
+        "import sys; from pathlib import Path; from pipeline.config import ModelParams; "
+        "from pipeline.model import check_fits_in_memory, load, network, save, with_softmax; "
+        "assert sys.getrecursionlimit() == 1000; "
+        "p = ModelParams(hidden_units=[2] * 700, activation='elu', batch_norm_momentum=0.9, "
+        "batch_norm_logits=False, dropout=0.0); check_fits_in_memory(p, 250); m = network(p); "
+        "with_softmax(m); save(m, Path(sys.argv[1])); "
+        "sys.setrecursionlimit(1000); print(len(load(Path(sys.argv[1])).layers))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "deep.keras"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == 1 + 3 * 700 + 1  # input, dense-bn-elu per hidden layer, logits
 
 
 def test_a_network_larger_than_memory_is_refused_before_building() -> None:

@@ -80,7 +80,9 @@ def test_mlflow_run_holds_everything(workspace: Path) -> None:
     expected = {f"{s}.{k}": v for s, values in params.items() for k, v in values.items()}
     assert {key: yaml.safe_load(value) for key, value in run.data.params.items()} == expected
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, EPOCHS + 1))
+        assert [m.step for m in client.get_metric_history(run_id, f"epoch/{metric}")] == list(range(1, EPOCHS + 1))
+    final = read_json(workspace / "metrics/train.json")  # the figures runs are compared by, once each
+    assert {key: run.data.metrics[key] for key in final} == pytest.approx(final)
     test = read_json(workspace / "metrics/test.json")
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert run.data.metrics["test_log_loss"] == pytest.approx(test["log_loss"])

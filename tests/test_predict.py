@@ -281,7 +281,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Split(train.x[:10_000], train.y[:10_000]),
         validation,
     )
-    assert fitted.history[-1].val_accuracy > 0.9
+    assert fitted.history[-1].metrics["val_accuracy"] > 0.9
     path = tmp_path_factory.mktemp("model") / "model.keras"
     save(fitted.model, path)
     return path
@@ -468,3 +468,38 @@ def test_cli_interrupted_says_what_it_left(cli_env: dict[str, str], tmp_path: Pa
         process.kill()
     assert process.returncode == 130
     assert stderr == "error: interrupted (Ctrl-C); no image was classified.\n"
+
+
+@pytest.mark.e2e  # runs the real command in a process of its own
+def test_cli_hostile_model_files(trained_model: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """A .keras archive with members outside it (`../`, an absolute path) classifies as its model does,
+    writes nothing outside and prints no warning of zipfile's; a model holding code (a Lambda layer whose
+    function leaves a file when it runs) is refused in one line saying so, and its code never runs."""
+    import zipfile
+
+    import keras
+
+    image = write_one(tmp_path / "digit.png")
+    traversal = tmp_path / "models" / "traversal.keras"
+    traversal.parent.mkdir()
+    with zipfile.ZipFile(trained_model) as source, zipfile.ZipFile(traversal, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info, source.read(info))
+        archive.writestr("../escaped.txt", "outside")
+        archive.writestr(str(tmp_path / "absolute.txt"), "outside")
+    done = cli(image, "--model", traversal, env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == cli(image, "--model", trained_model, env=cli_env).stdout != ""
+    assert "Skipping invalid path" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
+
+    marker = tmp_path / "the-lambda-ran"
+    inputs = keras.Input(shape=(784,))
+    where = str(marker)  # a closure's values are saved with the code
+    ran = keras.layers.Lambda(lambda x: x + float(open(where, "w").close() is None) * 0.0)(inputs)  # noqa: PTH123
+    keras.Model(inputs, keras.layers.Dense(10)(ran)).save(tmp_path / "lambda.keras")
+    marker.unlink()  # building the model ran it once, here
+    refused = cli(image, "--model", tmp_path / "lambda.keras", env=cli_env)
+    assert_one_error_line(refused, "lambda.keras holds code (a Lambda layer or another stored Python function), which")
+    assert "never runs" in refused.stderr
+    assert not marker.exists()

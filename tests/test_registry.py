@@ -283,3 +283,16 @@ def test_versions_without_a_readable_accuracy_never_take_the_alias(registry_stor
     assert champion() == tagged
     assert {untagged, by_hand}.isdisjoint({champion()})
     assert mlflow.MlflowClient().get_model_version(registry.REGISTERED_MODEL, untagged).tags == {}
+
+
+@pytest.mark.parametrize("written", ["nan", "inf", "NaN"])
+def test_a_tag_that_is_not_a_finite_number_never_takes_the_alias(store: str, written: str) -> None:
+    """A `val_accuracy` tag edited to `nan` (compares false both ways) or `inf` (beats every accuracy), on a
+    version before and one after the real one, is no candidate: the finite best wins."""
+    tracking.connect()
+    MlflowClient().create_registered_model(registry.REGISTERED_MODEL)
+    (_, before), (run_id, tagged), (_, after) = register([0.0, 0.5, 0.0])
+    for version in (before, after):
+        MlflowClient().set_model_version_tag(registry.REGISTERED_MODEL, version, "val_accuracy", written)
+    assert registry.promote_if_better(run_id, 0.5) is True
+    assert champion() == tagged

@@ -78,6 +78,15 @@ def env() -> dict[str, str]:
 def mlflow_server(root: Path, env: dict[str, str], artifacts: Path | None = None) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (SQLite store and served artifacts under `root`, or in
     `artifacts`): its URL, reachable from this process too while the block runs; stopped at the end."""
+    with server_process(root, env, artifacts) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(
+    root: Path, env: dict[str, str], artifacts: Path | None = None, options: tuple[str, ...] = ()
+) -> Iterator[tuple[str, Process]]:
+    """`mlflow_server` with more `options` (`--app-name basic-auth`), and its process (to pause it)."""
     url = f"http://127.0.0.1:{free_port()}"
     process = Process(
         [
@@ -94,6 +103,7 @@ def mlflow_server(root: Path, env: dict[str, str], artifacts: Path | None = None
             url.rsplit(":", 1)[1],
             "--workers",
             "1",
+            *options,
         ],
         root / "server.log",
         env,
@@ -102,7 +112,7 @@ def mlflow_server(root: Path, env: dict[str, str], artifacts: Path | None = None
         process.wait_until_up(f"{url}/health", timeout=120)
         with pytest.MonkeyPatch.context() as patch:  # this process talks to the server too: no proxy
             patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-            yield url
+            yield url, process
     finally:
         process.stop()
 
@@ -153,7 +163,8 @@ def test_the_run_is_on_the_server_and_nothing_is_local(server: tuple[str, Path],
     assert yaml.safe_load(run.data.params["train.epochs"]) == EPOCHS
     assert yaml.safe_load(run.data.params["model.hidden_units"]) == [64, 32]
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(1, EPOCHS + 1))
+        history = client.get_metric_history(run.info.run_id, f"epoch/{metric}")
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert run.data.metrics["test_log_loss"] == pytest.approx(test["log_loss"])
     assert test["accuracy"] > 0.85
@@ -226,9 +237,7 @@ def request_body(token: str = "0.0", columns: int = 784, rows: int = 1) -> str:
 
 
 def post(url: str, body: str) -> requests.Response:
-    return requests.post(
-        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=120
-    )
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=120)
 
 
 @pytest.mark.parametrize(

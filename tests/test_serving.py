@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from workspace import REPO, offline_mnist
 
 from pipeline import tracking
-from pipeline.config import load_params
+from pipeline.config import PIXELS, load_params
 from pipeline.tracking import serving
 
 GOOD = np.zeros((2, 784), np.float32)
@@ -25,7 +25,7 @@ GOOD = np.zeros((2, 784), np.float32)
 def refusal(rows: object, max_rows: int = serving.MAX_ROWS) -> str:
     """The message of the MlflowException that `checked_rows` raises; it must be HTTP 400 in MLflow's format."""
     with pytest.raises(MlflowException) as caught:
-        serving.checked_rows(rows, max_rows)
+        serving.checked_rows(rows, max_rows, PIXELS)
     error = caught.value
     assert error.get_http_status_code() == 400
     body = json.loads(error.serialize_as_json())  # valid JSON, whatever the values were
@@ -61,7 +61,7 @@ def test_strings_and_shapes_are_refused() -> None:
 def test_rows_above_the_limit_are_refused_before_anything_else() -> None:
     rows = np.full((11, 784), np.nan)  # refused for its size, not for its values
     assert refusal(rows, max_rows=10).startswith("11 rows in one request, above this model's limit of 10")
-    assert serving.checked_rows(np.zeros((10, 784)), max_rows=10).dtype == np.float32
+    assert serving.checked_rows(np.zeros((10, 784)), max_rows=10, pixels=PIXELS).dtype == np.float32
 
 
 def test_a_server_can_start_with_another_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,9 +76,9 @@ def test_a_server_can_start_with_another_limit(monkeypatch: pytest.MonkeyPatch) 
 
 def test_good_rows_pass_unchanged() -> None:
     rows = np.linspace(0, 1, 2 * 784, dtype=np.float32).reshape(2, 784)
-    assert serving.checked_rows(rows, serving.MAX_ROWS) is rows  # float32 already: no copy
-    np.testing.assert_array_equal(serving.checked_rows(rows.tolist(), serving.MAX_ROWS), rows)
-    assert serving.checked_rows(np.full((1, 784), -0.0), serving.MAX_ROWS).shape == (1, 784)
+    assert serving.checked_rows(rows, serving.MAX_ROWS, PIXELS) is rows  # float32 already: no copy
+    np.testing.assert_array_equal(serving.checked_rows(rows.tolist(), serving.MAX_ROWS, PIXELS), rows)
+    assert serving.checked_rows(np.full((1, 784), -0.0), serving.MAX_ROWS, PIXELS).shape == (1, 784)
 
 
 @pytest.mark.e2e  # logs and loads a model through MLflow: seconds, for the full run

@@ -1,7 +1,9 @@
 """A team's day, for real, as docs/team.md tells it (tests/teamday.py reads the commands from the page).
 
-One real PostgreSQL server (tests/postgres.py) with the page's role and two databases; the page's
-`mlflow server` on MLflow's database with served artifacts; Optuna's studies in the other database.
+One real PostgreSQL server (tests/postgres.py) with the page's role and three databases; the page's
+`mlflow server` on MLflow's database with served artifacts and MLflow's authentication (its users in
+`mlflow_auth`; everyone logs in as the page's user, granted as the page says); Optuna's studies in the
+other database.
 Alice and Bob are two clones of the repository standing for two machines (a bare git repository for the
 team's git server, a shared folder for the DVC remote), Carol a newcomer. Alice trains and pushes; Bob
 pulls, trains an experiment and pushes it; Alice pulls the experiment and opens its MLflow run; Carol
@@ -55,7 +57,8 @@ from workspace import QUICK, clone, free_port, sh, venv_env
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "lr-005"
-SECRETS = (PASSWORD, quote(PASSWORD, safe=""))
+ADMIN_PASSWORD, USER_PASSWORD = "admin-Pw-4711", "alice-Pw-0815"  # the tracking server's admin, and its user
+SECRETS = (PASSWORD, quote(PASSWORD, safe=""), ADMIN_PASSWORD, USER_PASSWORD)
 SHOWN_OPTUNA = "postgresql://team:***@db.internal:5432/optuna"  # the page's URL as workers print it
 
 
@@ -71,29 +74,75 @@ def team(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> 
         "/srv/mlflow-artifacts": str(root / "mlflow-artifacts"),
         "/mnt/team/mnist-dvc": str(root / "mnist-dvc"),
         "git.team.example:ml/mnist.git": str(root / "mnist.git"),
+        "/srv/mlflow/auth.ini": str(root / "auth.ini"),
+        "change-admin": ADMIN_PASSWORD,
+        "alice-secret": USER_PASSWORD,
     }
     doc = TeamDoc(places, {"5000": str(port)})
     for statement in doc.sql(literal(PASSWORD)):
         postgres.sql(statement)
+    (root / "auth.ini").write_text(doc.ini())
     env = venv_env()
+    server_env = dict(env)
+    team = Team(root, doc, postgres, f"http://127.0.0.1:{port}", server_env, root / "mlflow-server.log")
+    team.run("export MLFLOW_AUTH_CONFIG_PATH=/srv/mlflow/auth.ini", root)
+    team.run("export MLFLOW_AUTH_ADMIN_PASSWORD=change-admin", root)
+    team.run("export MLFLOW_FLASK_SERVER_SECRET_KEY=change-this-key", root)
     command = doc(
-        "mlflow server --host 127.0.0.1 --port 5000 --workers 2 "
+        "mlflow server --app-name basic-auth --host 127.0.0.1 --port 5000 --workers 2 "
         "--backend-store-uri postgresql://team:change-me@db.internal:5432/mlflow "
         "--artifacts-destination /srv/mlflow-artifacts --serve-artifacts"
     )[0]
     began = time.monotonic()
-    server = Process(command, root / "mlflow-server.log", env)
+    server = Process(command, root / "mlflow-server.log", server_env)
     try:
         server.wait_until_up(f"http://127.0.0.1:{port}/health", timeout=240)
-        team = Team(root, doc, postgres, f"http://127.0.0.1:{port}", env, root / "mlflow-server.log")
+        team.env = env  # the clients' environment: no admin password
         team.seconds["tracking server up (tables created)"] = round(time.monotonic() - began, 1)
+        grant_alice(team)
         team.run("export MLFLOW_TRACKING_URI=http://mlflow.team.example:5000", root)
         team.run("export OPTUNA_STORAGE=postgresql://team:change-me@db.internal:5432/optuna", root)
-        with pytest.MonkeyPatch.context() as patch:  # this process asks the server too
+        team.run("export MLFLOW_TRACKING_USERNAME=alice", root)
+        team.run("export MLFLOW_TRACKING_PASSWORD=alice-secret", root)
+        with pytest.MonkeyPatch.context() as patch:  # this process asks the server too, as its admin
             patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+            patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
             yield team
     finally:
         server.stop()
+
+
+def grant_alice(team: Team) -> None:
+    """The page's admin commands: the experiment, the user (whom everyone in this test logs in as), and
+    her EDIT permission on the experiment and the registered model."""
+    root = team.root
+    experiment = json.loads(
+        team.run(
+            "curl --fail-with-body -u admin:change-admin -H 'Content-Type: application/json' -d "
+            """'{"name": "mnist-batchnorm"}' http://mlflow.team.example:5000/api/2.0/mlflow/experiments/create""",
+            root,
+        )
+    )["experiment_id"]
+    user = team.run(
+        "curl --fail-with-body -u admin:change-admin -H 'Content-Type: application/json' -d "
+        """'{"username": "alice", "password": "alice-secret"}' """
+        "http://mlflow.team.example:5000/api/2.0/mlflow/users/create",
+        root,
+    )
+    assert json.loads(user)["user"]["username"] == "alice"
+    for resource in (
+        '"experiment", "resource_id": "<experiment_id>"',
+        '"registered_model", "resource_id": "mnist-bn-mlp"',
+    ):
+        granted = team.run(
+            "curl --fail-with-body -u admin:change-admin -H 'Content-Type: application/json' -d "
+            f"""'{{"username": "alice", "resource_type": {resource}, "permission": "EDIT"}}' """
+            "http://mlflow.team.example:5000/api/3.0/mlflow/users/permissions/grant",
+            root,
+            experiment_id=experiment,
+        )
+        assert json.loads(granted) == {}
 
 
 @pytest.fixture(scope="module")

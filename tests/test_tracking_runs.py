@@ -25,12 +25,13 @@ def store_file(store: str) -> Path:
 
 
 def epoch(n: int) -> EpochResult:
-    return EpochResult(n, train_loss=1 / n, train_accuracy=0.5 + n / 100, val_loss=1.1 / n, val_accuracy=0.5 + n / 99)
+    figures = {"train_loss": 1 / n, "train_accuracy": 0.5 + n / 100, "val_loss": 1.1 / n, "val_accuracy": 0.5 + n / 99}
+    return EpochResult(n, figures)
 
 
 def stored_epochs(watcher: MlflowClient, run_id: str) -> list[int]:
     """The epochs of the run's validation accuracy in the store, as the MLflow UI reads them."""
-    return [m.step for m in watcher.get_metric_history(run_id, "val_accuracy")]
+    return [m.step for m in watcher.get_metric_history(run_id, "epoch/val_accuracy")]
 
 
 def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path) -> None:
@@ -43,8 +44,8 @@ def test_each_epoch_reaches_the_store_while_the_run_is_running(store_file: Path)
             assert set(range(1, n)) <= set(stored_epochs(watcher, run_id)) <= set(range(1, n + 1))
             assert watcher.get_run(run_id).info.status == "RUNNING"
     assert stored_epochs(watcher, run_id) == list(range(1, EPOCHS + 1))
-    stored = watcher.get_metric_history(run_id, "train_loss")
-    assert [m.value for m in stored] == [epoch(n).train_loss for n in range(1, EPOCHS + 1)]
+    stored = watcher.get_metric_history(run_id, "epoch/train_loss")
+    assert [m.value for m in stored] == [epoch(n).metrics["train_loss"] for n in range(1, EPOCHS + 1)]
     assert [m.timestamp for m in stored] == sorted(m.timestamp for m in stored)  # stamped as each epoch ended
 
 
@@ -90,3 +91,32 @@ def test_a_finished_run_holds_system_metrics(store_file: Path, monkeypatch: pyte
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     steps = [m.step for m in watcher.get_metric_history(run_id, "system/system_memory_usage_megabytes")]
     assert steps == list(range(len(steps))) and len(steps) >= 3
+
+
+def test_a_parameter_longer_than_mlflow_keeps_is_cut_saying_where_the_whole_value_is(
+    store_file: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A 2,100-layer `model.hidden_units` is 6,300 characters: MLflow keeps 6,000 of a parameter and would cut
+    it with a warning. The run says so in the value and holds every value exactly in PARAMS_ARTIFACT."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    flat = {"model.hidden_units": [2] * 2100, "train.epochs": 3}
+    with tracking.run() as run_id:
+        tracking.log_params(flat)
+    run = MlflowClient(f"sqlite:///{store_file}").get_run(run_id)
+    kept = run.data.params["model.hidden_units"]
+    assert len(str(flat["model.hidden_units"])) > MAX_PARAM_VAL_LENGTH >= len(kept)
+    assert kept.startswith("[2, 2, ") and kept.endswith(
+        f"(cut: the whole value is in the artifact {runs.PARAMS_ARTIFACT} of this run)"
+    )
+    assert run.data.params["train.epochs"] == "3"
+    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{runs.PARAMS_ARTIFACT}") == flat
+    assert "truncated" not in caplog.text + "".join(capfd.readouterr())
+
+
+def test_parameters_mlflow_keeps_whole_leave_no_artifact(store_file: Path) -> None:
+    with tracking.run() as run_id:
+        tracking.log_params({"model.hidden_units": [300, 100]})
+    run = MlflowClient(f"sqlite:///{store_file}").get_run(run_id)
+    assert run.data.params == {"model.hidden_units": "[300, 100]"}
+    assert [a.path for a in MlflowClient(f"sqlite:///{store_file}").list_artifacts(run_id)] == []

@@ -44,7 +44,7 @@ def watched(repo: Path) -> tuple[str, list[tuple[int, int, str]]]:
                 assert experiment is not None
                 [run] = watcher.search_runs([experiment.experiment_id], f"tags.pid = '{process.pid}'")
                 run_id = run.info.run_id
-            stored = len(watcher.get_metric_history(run_id, "val_accuracy"))
+            stored = len(watcher.get_metric_history(run_id, "epoch/val_accuracy"))
             seen.append((int(found[1]), stored, watcher.get_run(run_id).info.status))  # count first, then status
     assert process.returncode == 0
     return run_id, seen
@@ -68,7 +68,7 @@ def test_the_finished_run_holds_every_epoch_system_metrics_and_its_name(watched:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, EPOCHS + 1))
+        assert [m.step for m in client.get_metric_history(run_id, f"epoch/{metric}")] == list(range(1, EPOCHS + 1))
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     commit = sh("git", "rev-parse", "--short", "HEAD", cwd=repo).stdout.strip()
     assert run.info.run_name == f"{commit} train.epochs={EPOCHS}"

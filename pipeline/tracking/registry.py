@@ -4,16 +4,19 @@ loading a registered model for `mnist-predict`."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, first_line
+from pipeline.model import HOLDS_CODE, holds_code
 from pipeline.secrets import redacted
-from pipeline.tracking.store import first_line, mlflow_module, sqlite_path, tracking_uri
+from pipeline.tracking.store import mlflow_module, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
@@ -28,7 +31,7 @@ def _version_of(run_id: str) -> Any | None:
 
 
 def _best_version(client: Any) -> str | None:
-    """The version with the highest `val_accuracy` tag, the earliest of equals (None if none has one)."""
+    """The version with the highest finite `val_accuracy` tag, the earliest of equals (None if none has one)."""
     best: tuple[float, int] | None = None
     token = None
     while True:
@@ -37,6 +40,8 @@ def _best_version(client: Any) -> str | None:
             try:
                 key = (float(found.tags[VAL_ACCURACY]), -int(found.version))
             except (KeyError, ValueError):  # not tagged (yet), or a tag written by hand
+                continue
+            if not math.isfinite(key[0]):  # `nan` compares false both ways, `inf` beats every real accuracy
                 continue
             best = key if best is None or key > best else best
         token = page.token
@@ -138,6 +143,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     from mlflow import MlflowClient
 
     from pipeline import quiet
+    from pipeline.config import CLASSES, PIXELS, SIDE
     from pipeline.model import save, with_softmax
     from pipeline.tracking import serving
 
@@ -154,7 +160,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
                 python_model=Path(serving.__file__),
                 code_paths=[str(Path(quiet.__file__))],  # serving.py quiets TensorFlow with it
                 artifacts={serving.NETWORK: str(network)},
-                signature=serving.signature(),
+                signature=serving.signature(PIXELS, CLASSES),
                 input_example=example,
                 registered_model_name=REGISTERED_MODEL,
                 # Stated, not inferred: inference re-imports TensorFlow in a subprocess, seconds per run.
@@ -165,7 +171,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
                 step=-1,
             )
     client = MlflowClient()
-    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.DESCRIPTION})
+    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.description(SIDE, CLASSES)})
     link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
     version = str(info.registered_model_version)
     client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed))
@@ -196,9 +202,15 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tupl
             version = mlflow.MlflowClient().get_model_version_by_alias(alias["name"], alias["alias"]).version
             uri, shown = f"models:/{alias['name']}/{version}", f"{alias['name']} version {version} (@{alias['alias']})"
         before_load()
-        # No warnings to show (the command silences MLflow's), so no check of the installed packages either.
-        return mlflow.pyfunc.load_model(uri, suppress_warnings=True), shown
+        with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say
+            warnings.filterwarnings("ignore", "Skipping invalid path", UserWarning)
+            # No warnings to show (the command silences MLflow's), so no check of the installed packages.
+            return mlflow.pyfunc.load_model(uri, suppress_warnings=True), shown
     except Exception as error:  # MLflow, HTTP and file errors all mean "not loadable from here"
+        if holds_code(error):
+            raise TrackingError(
+                f"the model {redacted(uri)} {HOLDS_CODE}; use one that `dvc repro` registered."
+            ) from None
         raise TrackingError(
             f"cannot load the model {redacted(uri)} from {redacted(store)} ({first_line(error)}); run `dvc repro` to "
             "train and register one, or pass --model with another URI or a .keras file."

@@ -13,14 +13,21 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline import processes, quiet
-from pipeline.errors import Terminated, TrackingError
+from pipeline.errors import Terminated, TrackingError, first_line
 from pipeline.tracking.registry import logged_model_id
-from pipeline.tracking.store import connect, failure, first_line, mlflow_module, shown_store, store_failures
+from pipeline.tracking.store import (
+    connect,
+    failure,
+    mlflow_module,
+    quick_requests,
+    shown_store,
+    store_errors,
+    store_failures,
+)
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -31,6 +38,7 @@ HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
 # second on a long one (MLflow's default, 10 s, leaves most trainings here with none).
 # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_SECONDS = 1.0
+PARAMS_ARTIFACT = "params.json"  # every parameter exactly, where one is longer than MLflow keeps
 
 
 def process_tags() -> dict[str, str]:
@@ -94,15 +102,19 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
 
     experiment_id = connect()
     mlflow = mlflow_module()
-    end_orphaned_runs(experiment_id)
     tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
     client = mlflow.MlflowClient()
-    earlier = client.get_run(run_id).info.status if run_id else None
-    if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
-        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-    active = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else experiment_id, tags=None if run_id else tags, **start_kwargs
-    )
+    with store_errors("starting the run", after="Nothing was changed"):
+        end_orphaned_runs(experiment_id)
+        earlier = client.get_run(run_id).info.status if run_id else None
+        if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        active = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            tags=None if run_id else tags,
+            **start_kwargs,
+        )
 
     def end(status: str, reason: str) -> bool:
         """End the run as `status` (a resumed one as it was); False if the store failed that too."""
@@ -122,7 +134,9 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     except store_failures() as error:
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
         after = "The previous outputs were left as they were"
-        if not end("FAILED", first_line(error)) and not earlier:
+        with quick_requests(error):
+            ended = end("FAILED", first_line(error))
+        if not ended and not earlier:
             after += f"; the run could not be ended either: the next run on {socket.gethostname()} marks it KILLED"
         raise TrackingError(failure("recording the run", error, after=after)) from None
 
@@ -158,13 +172,16 @@ def system_metrics(run_id: str) -> Iterator[None]:
     monitor.start()
     try:
         yield
-    finally:
-        monitor.finish()  # stops the sampling and sends what it holds, before the run ends
+    except BaseException as error:
+        with quick_requests(error):
+            monitor.finish()
+        raise
+    monitor.finish()  # stops the sampling and sends what it holds, before the run ends
 
 
 def log_params(flat: dict[str, Any]) -> None:
-    """Every params.yaml value of the active run, as `section.key`."""
-    mlflow_module().log_params(flat)
+    """Every params.yaml value of the active run, as `section.key` (`log_run`)."""
+    log_run(mlflow_module().active_run().info.run_id, params=flat)
 
 
 def log_files(files: dict[Path, bytes | str]) -> None:
@@ -181,6 +198,16 @@ def log_files(files: dict[Path, bytes | str]) -> None:
             mlflow.log_artifact(str(local))
 
 
+CURVE = "epoch/"  # per-epoch keys: MLflow's run page draws a named section first, before the single figures
+
+
+def curve_points(result: Any, stamp: int) -> list[Any]:
+    """An `EpochResult`'s figures as MLflow metrics `epoch/<name>` at step = epoch."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"{CURVE}{key}", value, stamp, result.epoch) for key, value in result.metrics.items()]
+
+
 @contextmanager
 def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     """A function that sends an epoch's metrics (an `EpochResult`, step = epoch) as the epoch ends, so a
@@ -193,7 +220,6 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     the block waits for the last batch.
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`_written` raises them)
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
@@ -203,8 +229,7 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     def send(result: Any) -> None:
         if in_flight:
             _written(in_flight.pop())
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(key, value, stamp, result.epoch) for key, value in asdict(result).items() if key != "epoch"]
+        metrics = curve_points(result, int(time.time() * 1000))
         in_flight.append(client.log_batch(run_id, metrics=metrics, synchronous=False))
 
     yield send
@@ -221,26 +246,21 @@ def _written(operations: Any) -> None:
 
 
 def log_history(run_id: str, history: Sequence[Any]) -> None:
-    """Per-epoch metrics of `EpochResult`s (step = epoch), sent in a few batched requests."""
+    """Per-epoch metrics of `EpochResult`s (`epoch/<name>`, step = epoch), sent in a few batched requests."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
     now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, value, now, result.epoch)
-        for result in history
-        for key, value in asdict(result).items()
-        if key != "epoch"
-    ]
+    metrics = [metric for result in history for metric in curve_points(result, now)]
     client = MlflowClient()
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
 
-def log_training(train_seconds: float, files: dict[Path, bytes | str]) -> None:
-    """The training time and the stage's plots, after the loop (the curves went live: `live_history`)."""
-    mlflow_module().log_metric("train_seconds", train_seconds)
+def log_training(train_seconds: float, figures: dict[str, float], files: dict[Path, bytes | str]) -> None:
+    """After the loop (the curves went live: `live_history`): the training time, the final figures the
+    runs are compared by (`val_accuracy`, ...), and the stage's plots."""
+    mlflow_module().log_metrics({**figures, "train_seconds": train_seconds})
     log_files(files)
 
 
@@ -305,15 +325,24 @@ def log_run(
     step: int = 0,
 ) -> None:
     """Parameters (as `mlflow.log_params` writes them: `str(value)`), metrics at `step` and tags of a
-    run, in one request."""
+    run, in one request. A value longer than MLflow keeps is cut, saying so, and the exact values go to
+    the run's artifact PARAMS_ARTIFACT (MLflow would cut it silently but for a warning)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     now = int(time.time() * 1000)
+    texts = {key: str(value) for key, value in (params or {}).items()}
+    cut = f" ... (cut: the whole value is in the artifact {PARAMS_ARTIFACT} of this run)"
+    if any(len(text) > MAX_PARAM_VAL_LENGTH for text in texts.values()):
+        MlflowClient().log_dict(run_id, params or {}, PARAMS_ARTIFACT)
     MlflowClient().log_batch(
         run_id,
         metrics=[Metric(key, value, now, step) for key, value in (metrics or {}).items()],
-        params=[Param(key, str(value)) for key, value in (params or {}).items()],
+        params=[
+            Param(key, text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(cut)] + cut)
+            for key, text in texts.items()
+        ],
         tags=[RunTag(key, value) for key, value in (tags or {}).items()],
     )
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import psutil
 
-from pipeline.errors import TrackingError, escaped
+from pipeline.errors import TrackingError, chain, escaped
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -124,14 +124,4 @@ def unusable(database: Path, error: sqlite3.Error, waited: float = 0) -> str:
 
 def cause(error: BaseException) -> sqlite3.Error | None:
     """The SQLite error behind an MLflow or SQLAlchemy error, if there is one."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, sqlite3.Error):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "orig", None)]
-    return None
+    return next((found for found in chain(error) if isinstance(found, sqlite3.Error)), None)

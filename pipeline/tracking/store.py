@@ -10,6 +10,7 @@ directly); messages show it without its password (`secrets.redacted`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -23,7 +24,7 @@ from filelock import FileLock
 
 from pipeline import database, quiet
 from pipeline.config import project_root
-from pipeline.errors import StoreUnavailableError, TrackingError
+from pipeline.errors import StoreUnavailableError, TrackingError, chain, first_line
 from pipeline.secrets import redacted
 from pipeline.tracking import sqlite
 
@@ -52,7 +53,7 @@ _SQLITE_TIMEOUT = 60
 # no "View run at <server URL>" lines on stdout (they print the URL as given, password included).
 _SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",  # a server that stopped answering is said within a minute
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
@@ -62,9 +63,30 @@ def mlflow_module() -> ModuleType:
     """`mlflow`, imported with the pipeline's settings (a user's own environment variables win)."""
     for name, value in {**_SETTINGS, **({} if quiet.VERBOSE else {"MLFLOW_LOGGING_LEVEL": "WARNING"})}.items():
         os.environ.setdefault(name, value)
+    if not quiet.VERBOSE:  # urllib3's "Retrying (Retry(total=1, ...))" lines: the error line says what failed
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     import mlflow
 
     return mlflow
+
+
+@contextmanager
+def quick_requests(error: BaseException) -> Iterator[None]:
+    """For the cleanup after `error` (ending the run, sending what is left): if the store stopped
+    answering (`unavailable`), one attempt of a few seconds per request, not every retry again."""
+    if not unavailable(error):
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def store_failures() -> tuple[type[BaseException], ...]:
@@ -72,16 +94,6 @@ def store_failures() -> tuple[type[BaseException], ...]:
     from mlflow.exceptions import MlflowException
 
     return (MlflowException, OSError, requests.RequestException)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (MLflow's `.message` if it has one), else its type; past
-    SQLAlchemy's "(raised as a result of Query-invoked autoflush ...)" preamble to the database's reason.
-    Without passwords: MLflow's messages hold the URL it called."""
-    lines = redacted(str(getattr(error, "message", "") or error)).strip().splitlines()
-    while len(lines) > 1 and lines[0].startswith("(raised as a result of"):
-        lines = lines[1:]
-    return lines[0] if lines else type(error).__name__
 
 
 # urllib3's words when MLflow's retries of a 5xx answer ran out (503: the server's database is away)
@@ -96,43 +108,67 @@ def unavailable(error: BaseException) -> str | None:
 
     if lost := database.connection_lost(error):
         return database.hide_password(lost, tracking_uri())
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in chain(error):
         if isinstance(current, MlflowException) and current.error_code == "TEMPORARILY_UNAVAILABLE":
             return "the server says its store is temporarily unavailable"
         if match := _RETRIES_RAN_OUT.search(str(current)):
             return f"the server answered {match[0]}"
         if isinstance(current, (requests.ConnectionError, requests.Timeout)):
             return _unanswered(current)
-        current = current.__cause__ or current.__context__
     return None
 
 
 STORE_FIX = "check the store (disk, permissions, server) and run again"
 
 
+def refused(error: BaseException) -> str | None:
+    """If a server with authentication (`mlflow server --app-name basic-auth`) refused the request, who
+    may not do what, and how to get the permission; else None."""
+    from mlflow.exceptions import MlflowException
+
+    for found in chain(error):
+        if isinstance(found, MlflowException) and found.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            request = re.search(r"endpoint (\S+) failed with error code (\d+)", found.message)
+            said = f"HTTP {request[2]} on {request[1]}" if request else found.error_code
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            if found.error_code == "UNAUTHENTICATED" or not user:
+                return (
+                    f"the server refused {'user ' + user if user else 'a request without a user'} ({said}); set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
+                )
+            return (
+                f"user {user} may not write there ({said}: permission denied); ask an admin of the server to grant "
+                f"{user} EDIT on the experiment {EXPERIMENT} and on the registered model mnist-bn-mlp "
+                "(docs/team.md, Authentication), then run again"
+            )
+    return None
+
+
 def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = "") -> str:
-    """The one sentence for a store that failed while doing `what`: a damaged or locked SQLite file said
-    as such (`sqlite.problem`), anything else with MLflow's reason and `fix`; then `after`, if given."""
+    """The one sentence for a store that failed while doing `what`: a refused permission (`refused`) or a
+    damaged or locked SQLite file (`sqlite.problem`) said as such, anything else with MLflow's reason
+    and `fix`; then `after`, if given."""
     db_file = sqlite_path(tracking_uri())
     found = sqlite.cause(error) if db_file else None
-    if db_file and found and (problem := sqlite.problem(db_file, found)):
+    if why := refused(error):
+        text = f"{what} in the MLflow store {shown_store()} was refused: {why}"
+    elif db_file and found and (problem := sqlite.problem(db_file, found)):
         text = f"{what} failed: {problem}"
+    elif (away := unavailable(error)) and not db_file:
+        text = f"{what} in the MLflow store {shown_store()} failed: it did not answer ({away}); {fix}"
     else:
         text = f"{what} in the MLflow store {shown_store()} failed ({type(error).__name__}: {first_line(error)}); {fix}"
     return f"{text}." + (f" {after}." if after else "")
 
 
 @contextmanager
-def store_errors(what: str, fix: str = STORE_FIX) -> Iterator[None]:
+def store_errors(what: str, fix: str = STORE_FIX, after: str = "") -> Iterator[None]:
     """The one translation of a failing store into the project's one-line TrackingError; a store that
     is only away for now (`unavailable`) raises its StoreUnavailableError kind, which a caller may wait out."""
     try:
         yield
     except store_failures() as error:
-        message = failure(what, error, fix)
+        message = failure(what, error, fix, after)
         if reason := unavailable(error):
             raise StoreUnavailableError(message, reason) from None
         raise TrackingError(message) from None
@@ -291,10 +327,13 @@ def connect() -> str:
                 raise TrackingError(f"{sqlite.unusable(db_file, found)}. Nothing was changed.") from None
             if not isinstance(error, MlflowException):
                 raise
+            if why := refused(error):
+                raise TrackingError(
+                    f"opening the experiment {EXPERIMENT} in {redacted(uri)} was refused: {why}."
+                ) from None
             raise TrackingError(
                 f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
             ) from None
-
 
 
 def experiment_tags() -> dict[str, str]:

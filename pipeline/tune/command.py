@@ -16,11 +16,12 @@ from pipeline import database, io, lineage, quiet, runtime, tracking
 from pipeline.cli import ArgumentParser, positive, seed
 from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file, project_root
 from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
+from pipeline.tracking.store import STORE_FIX
 from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
 from pipeline.tune.storage import DEFAULT_SETTING, GRACE_BEATS, HEARTBEAT_SECONDS, storage_url
-from pipeline.tune.study import STORE_FIX, make_objective, open_study
+from pipeline.tune.study import make_objective, open_study
 
 if TYPE_CHECKING:
     import argparse

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline import database, tracking
-from pipeline.errors import StoreUnavailableError, TrackingError
+from pipeline.errors import StoreUnavailableError, TrackingError, chain
 from pipeline.tune.storage import poll
 
 if TYPE_CHECKING:
@@ -42,20 +42,11 @@ class Outage:
         return f"{self.store} went away ({self.reason})"
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and all(current is not e for e in seen):
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def outage_of(error: BaseException, url: str) -> Outage | None:
     """The outage that `error` reports, if it is one: the MLflow store (through tracking's
     StoreUnavailableError, or an HTTP error of its server) or the Optuna storage at `url`."""
     mlflow_store = f"the MLflow store {tracking.shown_store()}"
-    for cause in _chain(error):
+    for cause in chain(error):
         if isinstance(cause, StoreUnavailableError):
             return Outage(mlflow_store, cause.reason)
     if lost := database.connection_lost(error):
@@ -78,7 +69,7 @@ def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
 
     refused = any(
         isinstance(cause, UpdateFinishedTrialError) or str(cause).startswith("Cannot tell a FAIL trial")
-        for cause in _chain(error)
+        for cause in chain(error)
     )
     if not refused:
         return False

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline import io, recipe, runtime, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
+from pipeline.tracking.store import STORE_FIX
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
 from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage, poll
 
@@ -31,8 +32,6 @@ PARENT_ATTR = "mlflow_parent_run_id"
 DEFINITION_ATTR = "definition"
 PARENT_WAIT_SECONDS = 120.0
 PRUNER_STARTUP_TRIALS = 5
-# A failing MLflow store stops the worker with one line; the study itself resumes later.
-STORE_FIX = "check the store and run again (the study resumes where it stopped)"
 
 
 def trial_seed(seed: int, study: str, number: int) -> int:
@@ -235,9 +234,9 @@ def make_objective(
         def on_epoch(result: EpochResult) -> None:
             with tracking.store_errors(f"logging epoch {result.epoch} of trial {trial.number}", STORE_FIX):
                 tracking.log_history(run_id, [result])
-            trial.report(result.val_accuracy, result.epoch)
+            trial.report(result.metrics["val_accuracy"], result.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val_accuracy {result.val_accuracy:.4f} at epoch {result.epoch}")
+                raise optuna.TrialPruned(f"val_accuracy {result.metrics['val_accuracy']:.4f} at epoch {result.epoch}")
 
         try:
             params = trial_params(base, space, trial)
@@ -251,7 +250,7 @@ def make_objective(
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, metrics={"train_seconds": fitted.train_seconds})
             status, state = "FINISHED", "COMPLETE"
-            return fitted.history[-1].val_accuracy
+            return fitted.history[-1].metrics["val_accuracy"]
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"
             raise
