@@ -152,9 +152,12 @@ class Trainer:
         self.x, self.y = as_tensor(train.x), as_tensor(train.y)
         self.x_val, self.y_val = as_tensor(validation.x), as_tensor(validation.y)
         self.rng = np.random.default_rng(params.seed)
-        permutation = tf.TensorSpec((self.n,), tf.int32)
-        self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=[permutation])
-        self._plain_epoch = tf.function(self._epoch_body, jit_compile=False, input_signature=[permutation])
+        # The data are arguments, not captures: TensorFlow keeps every traced epoch graph for good (the
+        # optimizer's all-reduce registers a custom gradient that is never dropped), with what it captures.
+        data = [tf.TensorSpec.from_tensor(self.x), tf.TensorSpec.from_tensor(self.y)]
+        signature = [tf.TensorSpec((self.n,), tf.int32), *data]
+        self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=signature)
+        self._plain_epoch = tf.function(self._epoch_body, jit_compile=False, input_signature=signature)
         self._validate = tf.function(self._validate_body, jit_compile=False, input_signature=[])
         self._epoch.get_concrete_function()  # trace only; XLA compiles on the first call
         self._validate.get_concrete_function()
@@ -179,10 +182,10 @@ class Trainer:
             metric.reset_state()
         return results
 
-    def _step(self, idx: Any) -> None:
+    def _step(self, x: Any, y: Any, idx: Any) -> None:
         import tensorflow as tf
 
-        xb, yb = tf.gather(self.x, idx), tf.gather(self.y, idx)
+        xb, yb = tf.gather(x, idx), tf.gather(y, idx)
         if self.params.shift_pixels:
             xb = self._augment(xb)
         with tf.GradientTape() as tape:
@@ -192,7 +195,7 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
         self._measure(loss, yb, logits, tf.cast(tf.shape(idx)[0], tf.float32))
 
-    def _epoch_body(self, permutation: Any) -> dict[str, Any]:
+    def _epoch_body(self, permutation: Any, x: Any, y: Any) -> dict[str, Any]:
         import tensorflow as tf
 
         start = 0
@@ -200,7 +203,7 @@ class Trainer:
             batches = tf.reshape(permutation[start : start + count * size], (count, size))
             start += count * size
             for i in tf.range(count):
-                self._step(batches[i])
+                self._step(x, y, batches[i])
         return self._results()
 
     def _validate_body(self) -> dict[str, Any]:
@@ -215,7 +218,7 @@ class Trainer:
         import tensorflow as tf
 
         try:
-            return self._epoch(permutation)
+            return self._epoch(permutation, self.x, self.y)
         except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as error:
             if self._epoch is not self._plain_epoch and not int(self.optimizer.iterations):
                 log.info("XLA cannot compile this network (%s): training without XLA", _first_line(error))
@@ -237,15 +240,13 @@ class Trainer:
 
 def as_tensor(array: np.ndarray) -> Any:
     """A constant tensor of `array`, sharing its memory when it is aligned as TensorFlow requires (as
-    `io.load_split` makes it) instead of copying it: the training images alone are 172 MB. The array
-    is made read-only, since the tensor sees every change to it."""
+    `io.load_split` makes it) instead of copying it: the training images alone are 172 MB, and a search
+    worker trains on them once per trial. Nothing writes a split after loading it."""
     import tensorflow as tf
 
-    # numpy exports only writable arrays; one already shared (a second `fit` on the same data) is copied
+    # numpy exports only writable arrays through DLPack; others are copied
     if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0 and array.size:
-        tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-        array.flags.writeable = False
-        return tensor
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.constant(array)
 
 

@@ -56,6 +56,9 @@ def pass_through(source: BinaryIO, sink: BinaryIO) -> None:
 # The filter runs in a process of its own, so that what C++ code writes just before it aborts the
 # process (a fatal check, an out-of-memory abort) still reaches the terminal. It runs this file by its
 # path: it is also logged beside a registered model (tracking/serving.py), where no `pipeline` package is.
+# It has a process group of its own, so Ctrl-C (sent to the terminal's foreground group) reaches only
+# the command, which says what it stopped; the filter passes on the last lines and ends when its input
+# closes.
 _FILTER = (
     "import importlib.util, sys; "
     f"spec = importlib.util.spec_from_file_location('quiet', {str(Path(__file__).resolve())!r}); "
@@ -72,7 +75,9 @@ def filtered_stderr() -> Iterator[None]:
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    process = subprocess.Popen([sys.executable, "-c", _FILTER], stdin=subprocess.PIPE, stdout=saved, stderr=saved)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FILTER], stdin=subprocess.PIPE, stdout=saved, stderr=saved, process_group=0
+    )
     assert process.stdin is not None
     os.dup2(process.stdin.fileno(), 2)
     try:

@@ -9,6 +9,9 @@ best trial as a DVC experiment, and interrupt a worker with Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shlex
 import shutil
 import signal
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import yaml
 from helpers import wait_for
@@ -26,7 +30,7 @@ from workspace import REPO, clone, sh, venv_env
 
 from pipeline.config import SEARCH_SPACE_FILE, load_params
 from pipeline.errors import ConfigError, UsageError
-from pipeline.tune.command import parse_args
+from pipeline.tune.command import INTERRUPTED, parse_args
 from pipeline.tune.space import SearchSpace, differences, parse_set, read_space, trial_params
 from pipeline.tune.storage import GRACE_BEATS
 from pipeline.tune.study import make_sampler
@@ -258,6 +262,24 @@ def test_a_resumed_study_may_change_ranges_but_not_choices(tmp_path: Path, caplo
         _check_definition(study, read_space(space_file(tmp_path, document), BASE, {}))
 
 
+def test_a_study_whose_parent_run_was_refused_is_not_left_waiting(store: str, tmp_path: Path) -> None:
+    """The first worker cannot create the study's MLflow parent run (here: a real store refusing an
+    experiment it does not hold; a user who may only read gets a 403 at the same step): the study goes
+    with it, so the next worker creates both at once instead of waiting for a parent run."""
+    from pipeline import tracking
+    from pipeline.errors import TrackingError
+    from pipeline.tune.study import PARENT_WAIT_SECONDS, open_study
+
+    space, url = read_space(REPO / SEARCH_SPACE_FILE, BASE, {}), f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(TrackingError):
+        open_study("refused", url, space, BASE, 0, "999999", {})
+    assert "refused" not in [s.study_name for s in optuna.study.get_all_study_summaries(storage=url)]
+    started = time.monotonic()
+    shared = open_study("refused", url, space, BASE, 0, tracking.connect(), {})
+    assert time.monotonic() - started < PARENT_WAIT_SECONDS / 4
+    assert tracking.run_status(shared.parent_run_id) == "RUNNING"
+
+
 def test_differences_are_what_params_yaml_lacks() -> None:
     flat = BASE.flat() | {"train.learning_rate": 0.003, "model.hidden_units": [64, 32]}
     assert differences(BASE, flat) == {"model.hidden_units": [64, 32], "train.learning_rate": 0.003}
@@ -419,6 +441,67 @@ def test_ctrl_c_fails_the_trial_and_closes_its_run(workspace: Path, tune_env: di
     assert children[0].data.tags["optuna.fail_reason"] == "INTERRUPTED"
     trials = optuna.load_study(study_name=study, storage=tune_env["OPTUNA_STORAGE"]).trials
     assert [t.state.name for t in trials] == ["FAIL"]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_at_the_terminal_is_one_line_for_the_search(workspace: Path, tune_env: dict[str, str]) -> None:
+    """SIGINT to the whole process group, as Ctrl-C sends it, while the stderr filter's process runs
+    (the worker starts it around TensorFlow's import and each first epoch): one line that says what a
+    search leaves, no traceback from the worker or the filter."""
+    command = [sys.executable, "-m", "pipeline.tune", "--study", f"{STUDY}-ctrl-c", "--trials", "1", *QUICK_SET]
+    process = subprocess.Popen(
+        command,
+        cwd=workspace,
+        env=tune_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        worker = psutil.Process(process.pid)
+
+        def filtering() -> bool:
+            with contextlib.suppress(psutil.Error):  # a child that ended while it was looked at
+                return any(
+                    "pass_through" in " ".join(child.cmdline()) and time.time() - child.create_time() > 1.0
+                    for child in worker.children()
+                )  # a filter past its start-up, reading lines
+            return False
+
+        wait_for(filtering, "the stderr filter's process", 120, process=process, every=0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"error: interrupted (Ctrl-C); {INTERRUPTED}."
+    assert "outputs written before" not in stderr
+
+
+@pytest.mark.e2e
+def test_a_worker_runs_trial_after_trial_in_flat_memory(workspace: Path, tune_env: dict[str, str]) -> None:
+    """One worker, 10 one-epoch trials of a [32] network, its resident memory read from outside after
+    each trial: growth from trial 3 on stays far below the ~200 MiB per trial that a worker kept when
+    TensorFlow held every trial's training data (benchmarks/tune_memory.py runs it longer)."""
+    tiny = ["--set", "model.hidden_units=[32]", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0"]
+    process = tune(workspace, tune_env, "--study", f"{STUDY}-memory", "--trials", "10", *tiny)
+    worker, rss = psutil.Process(process.pid), []
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if re.match(r"trial \d+: ", line):
+                rss.append(worker.memory_info().rss / 2**20)
+        assert process.wait(timeout=600) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(rss) == 10
+    per_trial = (rss[9] - rss[3]) / 6
+    print(f"worker RSS (MiB) after each trial: {[round(r) for r in rss]}; {per_trial:.1f} MiB per trial from trial 3")
+    assert per_trial < 60, rss
 
 
 def wait_for_first_epoch(env: dict[str, str], study: str, process: subprocess.Popen[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import sys
 import warnings
@@ -21,7 +20,7 @@ from pipeline.tracking.store import STORE_FIX
 from pipeline.tune import outage, workers
 from pipeline.tune.report import progress, summary, update_parent
 from pipeline.tune.space import parse_set, read_space
-from pipeline.tune.storage import GRACE_BEATS, HEARTBEAT_SECONDS, storage_setting, storage_url
+from pipeline.tune.storage import DEFAULT_SETTING, GRACE_BEATS, HEARTBEAT_SECONDS, storage_url
 from pipeline.tune.study import make_objective, open_study
 
 if TYPE_CHECKING:
@@ -34,6 +33,9 @@ log = logging.getLogger("pipeline.tune")
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Trial-level failures: recorded as FAIL, the study goes on. Anything else (the store failing) stops it.
+INTERRUPTED = (
+    "the trial this worker was training is failed and its MLflow run closed; run mnist-tune again to resume the study"
+)
 TRIAL_ERRORS: tuple[type[Exception], ...] = (DivergedError, ConfigError, ResourceError, DataError)
 
 
@@ -87,8 +89,8 @@ def main(argv: Sequence[str]) -> None:
     """Check everything, then run this worker's trials and print the study's best."""
     args = parse_args(argv)
     quiet.configure_logging()
-    url = storage_url(args.storage)
-    database.check_driver(url, storage_setting(args.storage))
+    url, setting = storage_url(args.storage)
+    database.check_driver(url, setting)
     if not PARAMS_FILE.is_file():
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
     base = load_params()
@@ -100,7 +102,7 @@ def main(argv: Sequence[str]) -> None:
     with tracking.store_errors("ending the runs of killed processes", STORE_FIX):
         tracking.end_orphaned_runs(experiment_id)
     uri = tracking.tracking_uri()
-    if not args.storage and not os.environ.get("OPTUNA_STORAGE") and uri.startswith(("http://", "https://")):
+    if setting == DEFAULT_SETTING and uri.startswith(("http://", "https://")):
         log.warning(
             "note: the study lives in %s on this machine; set OPTUNA_STORAGE=<the team's database URL> to "
             "share it with workers on other machines.",
@@ -140,4 +142,4 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """The console script."""
-    run_stage(lambda: main(sys.argv[1:]))
+    run_stage(lambda: main(sys.argv[1:]), interrupted=INTERRUPTED)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import database, tracking
 from pipeline.errors import StoreUnavailableError, TrackingError, chain
-from pipeline.tune.storage import wait_until_back
+from pipeline.tune.storage import poll
 
 if TYPE_CHECKING:
     import optuna
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.tune")
 
 WAIT_SECONDS = 600
-_POLL_SECONDS = 2.0
+POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,9 @@ def outage_of(error: BaseException, url: str) -> Outage | None:
     return None
 
 
-def _mlflow_back(seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while True:
-        with contextlib.suppress(TrackingError):
-            tracking.probe()
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_SECONDS)
+def _mlflow_answers() -> bool:
+    tracking.probe()  # raises while the store is away
+    return True
 
 
 def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
@@ -152,8 +146,8 @@ def optimize(
         )
         deadline = time.monotonic() + wait
         if not (
-            wait_until_back(shared.storage, shared.study.study_name, wait)
-            and _mlflow_back(max(deadline - time.monotonic(), 0.0))
+            poll(lambda: shared.storage.get_study_id_from_name(shared.study.study_name) >= 0, wait, POLL_SECONDS)
+            and poll(_mlflow_answers, max(deadline - time.monotonic(), 0.0), POLL_SECONDS)
         ):
             raise TrackingError(
                 f"{outage} and did not come back within {wait:.0f} s; start it again, then this worker "

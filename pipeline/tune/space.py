@@ -278,4 +278,3 @@ def trial_params(base: Params, space: SearchSpace, trial: optuna.Trial) -> Param
 def differences(base: Params, flat: dict[str, Any]) -> dict[str, Any]:
     """The values of `flat` that differ from params.yaml, in params.yaml's order."""
     return {key: flat[key] for key, value in base.flat().items() if key in flat and flat[key] != value}
-

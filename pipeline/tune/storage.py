@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import database
 from pipeline.config import project_root
@@ -29,17 +29,32 @@ HEARTBEAT_SECONDS = 30
 GRACE_BEATS = 4  # a trial is stale after this many heartbeats missed: 120 s with the default
 STORAGE_ATTEMPTS = 5
 
-__all__ = ["GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "storage_setting", "storage_url"]
+__all__ = ["DEFAULT_SETTING", "GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "poll", "storage_url"]
+DEFAULT_SETTING = "the default storage"
+T = TypeVar("T")
 
 
-def storage_url(option: str | None) -> str:
-    """--storage, else OPTUNA_STORAGE, else optuna.db at the repository root."""
-    return option or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{project_root() / 'optuna.db'}"
+def storage_url(option: str | None) -> tuple[str, str]:
+    """The storage URL (--storage, else OPTUNA_STORAGE, else optuna.db at the repository root) and
+    where it came from, as messages name it."""
+    if option:
+        return option, "--storage"
+    if env := os.environ.get("OPTUNA_STORAGE"):
+        return env, "OPTUNA_STORAGE"
+    return f"sqlite:///{project_root() / 'optuna.db'}", DEFAULT_SETTING
 
 
-def storage_setting(option: str | None) -> str:
-    """Where the storage URL came from, as messages name it."""
-    return "--storage" if option else "OPTUNA_STORAGE" if os.environ.get("OPTUNA_STORAGE") else "the default storage"
+def poll(attempt: Callable[[], T], seconds: float, every: float) -> T | None:
+    """`attempt()`'s first true answer (one that raises is false), tried every `every` seconds for up to
+    `seconds`; None if none came."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(Exception):
+            if answer := attempt():
+                return answer
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(every)
 
 
 def _creation_race(error: Exception) -> bool:
@@ -97,15 +112,3 @@ def open_storage(
                 f"the Optuna storage {redacted(url)} cannot be opened ({database.hide_password(reason, url)}); "
                 "fix --storage or OPTUNA_STORAGE."
             ) from None
-
-
-def wait_until_back(storage: RDBStorage, study_name: str, seconds: float) -> bool:
-    """Poll the storage until it answers a query again (True), or `seconds` have passed (False)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        with contextlib.suppress(Exception):
-            storage.get_study_id_from_name(study_name)
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(2.0)

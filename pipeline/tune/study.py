@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import sys
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
 from pipeline.tracking.store import STORE_FIX
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
-from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage
+from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage, poll
 
 if TYPE_CHECKING:
     import optuna
@@ -82,15 +81,6 @@ class Study:
     parent_run_id: str
     experiment_id: str
     runs: dict[int, str] = field(default_factory=dict)
-
-
-def _wait_for_parent(study: optuna.Study) -> str | None:
-    deadline = time.monotonic() + PARENT_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if parent := study.user_attrs.get(PARENT_ATTR):
-            return str(parent)
-        time.sleep(0.5)
-    return None
 
 
 def _create_parent(
@@ -169,10 +159,15 @@ def open_study(
             f"study {name} in {tracking.redacted(url)} is not a maximization made by mnist-tune; use another --study."
         )
     if created:
-        parent = _create_parent(study, experiment_id, space, base, tags)
+        try:
+            parent = _create_parent(study, experiment_id, space, base, tags)
+        except BaseException:  # refused (a user who may only read): no study left waiting for a parent run
+            with contextlib.suppress(Exception):
+                storage.delete_study(storage.get_study_id_from_name(name))
+            raise
     else:
         _check_definition(study, space)
-        found = _wait_for_parent(study)
+        found = poll(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_SECONDS, 0.5)
         if found is None:  # its creator stopped between creating the study and its run
             log.warning("note: study %s had no MLflow parent run; this worker creates it.", name)
             found = _create_parent(study, experiment_id, space, base, tags)
@@ -281,4 +276,3 @@ def make_objective(
                     tracking.end_run(run_id, status, closing)
 
     return objective
-
