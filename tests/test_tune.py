@@ -369,8 +369,9 @@ def test_two_workers_share_one_study(two_workers: tuple, tune_env: dict[str, str
     client = MlflowClient(tracking_uri=tune_env["MLFLOW_TRACKING_URI"])
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
-        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        history = client.get_metric_history(child.info.run_id, "epoch/val_accuracy")
         assert [m.step for m in history] == [1, 2]
+        assert child.data.metrics["val_accuracy"] == history[-1].value  # the final figure, once
         assert yaml.safe_load(child.data.params["train.epochs"]) == 2
         assert yaml.safe_load(child.data.params["model.hidden_units"]) == [64, 32]
         assert child.data.params["train.optimizer"] == "adamw"  # the space's fixed value

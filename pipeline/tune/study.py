@@ -248,7 +248,9 @@ def make_objective(
             with tracking.system_metrics(run_id), runtime.cache_errors_explained():
                 fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
-                tracking.log_run(run_id, metrics={"train_seconds": fitted.train_seconds})
+                last = fitted.history[-1].metrics  # the figures runs are compared by, as the train stage's
+                final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
+                tracking.log_run(run_id, metrics={**final, "train_seconds": fitted.train_seconds})
             status, state = "FINISHED", "COMPLETE"
             return fitted.history[-1].metrics["val_accuracy"]
         except optuna.TrialPruned:
