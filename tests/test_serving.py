@@ -93,7 +93,8 @@ def test_the_logged_model_is_code_and_a_keras_file_and_refuses_bad_rows(store: s
     network = model.build_model(defaults.model.model_copy(update={"hidden_units": [16]}))
     images, labels = offline_mnist("t10k")
     x = images[:5].reshape(5, -1).astype(np.float32) / 255
-    client = mlflow.MlflowClient()
+    # this store's own client: an earlier test in this process may have set MLflow's global URIs elsewhere
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     with tracking.run() as run_id, tracking.system_metrics(run_id):
         datasets = tracking.log_datasets({"validation": Split(x, labels[:5])}, "training", {"validation": "ab12"})
         tracking.log_run(run_id, metrics={"val_accuracy": 0.5, "val_loss": 1.5}, step=1)  # the last epoch's
