@@ -217,7 +217,7 @@ def training(team: Team, worker: Worker) -> str | None:
         if (
             tags.get("pid") == str(worker.popen.pid)
             and run.info.status == "RUNNING"
-            and "val_accuracy" in run.data.metrics
+            and "epoch/val_accuracy" in run.data.metrics
         ):
             return tags["optuna.trial_number"]
     return None

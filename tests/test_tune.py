@@ -510,7 +510,7 @@ def wait_for_first_epoch(env: dict[str, str], study: str, process: subprocess.Po
 
     def logged() -> bool:
         _, children = study_runs(env, study)
-        return bool(children) and "val_accuracy" in children[0].data.metrics
+        return bool(children) and "epoch/val_accuracy" in children[0].data.metrics
 
     wait_for(logged, f"an epoch of study {study}", 300, process=process, every=1)
 
