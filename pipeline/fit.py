@@ -219,17 +219,15 @@ class Trainer:
 
         try:
             return self._epoch(permutation, self.x, self.y)
-        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as error:
+        except tf.errors.UnimplementedError as error:  # XLA refuses a layer (a damaged cache entry is not that)
             if self._epoch is not self._plain_epoch and not int(self.optimizer.iterations):
                 log.info("XLA cannot compile this network (%s): training without XLA", _first_line(error))
                 self._epoch = self._plain_epoch
                 return self._train(permutation)
-            if isinstance(error, tf.errors.UnimplementedError):
-                raise PipelineError(
-                    f"no deterministic way to train this network here ({_first_line(error)}); replace that "
-                    "layer in pipeline/model.py build_model."
-                ) from None
-            raise
+            raise PipelineError(
+                f"no deterministic way to train this network here ({_first_line(error)}); replace that "
+                "layer in pipeline/model.py build_model."
+            ) from None
 
     def run_epoch(self, epoch: int) -> EpochResult:
         """One pass over a fresh permutation of the training set, then validation."""
