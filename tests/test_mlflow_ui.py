@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from browser import VIEWPORT, live_page, on_first_screen, readme_mlflow_ui, wait_drawn
-from workspace import clone, free_port, sh, venv_env
+from workspace import free_port, reproduced, venv_env
 
 EPOCHS = 3
 CURVES = ("train_accuracy", "train_loss", "val_accuracy", "val_loss")  # per epoch (`epoch/<name>`): steps 1..EPOCHS
@@ -26,9 +26,8 @@ def env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A fresh clone after the Quickstart's `dvc repro` (a quick configuration): one real training."""
-    root = clone(tmp_path_factory.mktemp("clone") / "repo", train__epochs=EPOCHS, model__hidden_units=[64, 32])
-    sh("dvc", "repro", cwd=root, env=env)
-    return root
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    return reproduced(root, env=env, train__epochs=EPOCHS, model__hidden_units=[64, 32])
 
 
 @pytest.fixture(scope="module")
