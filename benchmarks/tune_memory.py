@@ -2,9 +2,10 @@
 
 One real `mnist-tune` worker (`python -m pipeline.tune`: the copy's code) runs `--trials N` trials of a
 one-epoch `[32]` network in a scratch copy of this repository (its own MLflow store and Optuna
-storage); after each trial line it prints, this script reads the worker's resident memory from outside
-(psutil). With `--baseline REV` the same study runs in a scratch copy of git revision REV afterwards,
-and the report puts the two side by side. The figure that matters is the growth per trial after the
+storage); this script samples the resident memory of the worker and its children (where a trial
+trains in a process of its own) from outside (psutil) and prints its peak during each trial. With
+`--baseline REV` the same study runs in a scratch copy of git revision REV afterwards, and the report
+puts the two side by side. The figure that matters is the growth per trial after the
 first few (least squares over trials 3 to N-1): a worker that frees each trial stays flat.
 
 Usage, after `pip install -c requirements.lock -e .`:
@@ -14,12 +15,14 @@ Usage, after `pip install -c requirements.lock -e .`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,22 +52,40 @@ def prepared_copy(destination: Path, rev: str | None, env: dict[str, str]) -> Pa
     return destination
 
 
+def tree_rss(worker: psutil.Process) -> float:
+    """MiB resident in the worker and its children (a trial's training process) together."""
+    total = 0
+    for process in (worker, *worker.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total / 2**20
+
+
 def worker_memory(repo: Path, trials: int, env: dict[str, str], label: str) -> list[float]:
-    """Run one worker of `trials` tiny trials in `repo`; its RSS in MiB after each trial."""
+    """Run one worker of `trials` tiny trials in `repo`; the peak RSS of the worker and its children
+    during each trial, in MiB (sampled every 50 ms)."""
     env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
     command = [sys.executable, "-m", "pipeline.tune", "--study", "memory", "--trials", str(trials), *TINY]
     command += ["--storage", f"sqlite:///{repo / 'optuna.db'}"]
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
-    worker, rss, started = psutil.Process(process.pid), [], time.monotonic()
+    worker, peaks, started = psutil.Process(process.pid), [0.0], time.monotonic()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peaks[-1] = max(peaks[-1], tree_rss(worker))
+
+    threading.Thread(target=sample, daemon=True).start()
     for line in process.stderr:
         if TRIAL_LINE.match(line):
-            rss.append(worker.memory_info().rss / 2**20)
             seconds = time.monotonic() - started
-            print(f"{label}: {seconds:6.0f} s  {line.strip()[:60]:60} {rss[-1]:7.0f} MiB", flush=True)
+            print(f"{label}: {seconds:6.0f} s  {line.strip()[:60]:60} {peaks[-1]:7.0f} MiB", flush=True)
+            peaks.append(tree_rss(worker))
+    done.set()
     if process.wait():
         sys.exit(f"error: the worker in {repo} failed ({process.returncode})")
-    return rss
+    return peaks[:-1]
 
 
 def growth(rss: list[float]) -> float:
@@ -97,7 +118,7 @@ def main() -> None:
     for label in labels:
         rss = results[label]
         print(
-            f"{label}: {rss[0]:.0f} MiB after trial 0, {rss[3]:.0f} after trial 3, {rss[-1]:.0f} after trial "
+            f"{label}: {rss[0]:.0f} MiB in trial 0, {rss[3]:.0f} in trial 3, {rss[-1]:.0f} in trial "
             f"{len(rss) - 1}; growth {growth(rss):.1f} MiB per trial (trials 3-{len(rss) - 1})"
         )
     if args.json:

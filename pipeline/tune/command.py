@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import database, io, lineage, quiet, runtime, tracking
+from pipeline import database, io, lineage, quiet, tracking
 from pipeline.cli import ArgumentParser, positive, seed
-from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file, project_root
+from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file
 from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
 from pipeline.tracking.store import STORE_FIX
 from pipeline.tune import outage, workers
@@ -95,7 +95,8 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(f"{PARAMS_FILE} not found; run mnist-tune from the repository root.")
     base = load_params()
     space = read_space(args.space, base, parse_set(args.pinned, base))
-    train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
+    for split in ("train", "validation"):
+        io.load_split(prepared_file(split))  # here, not once per trial: a missing or corrupt file stops the worker
 
     quiet_optuna()
     experiment_id = tracking.connect()  # fails in seconds on a dead server
@@ -116,8 +117,7 @@ def main(argv: Sequence[str]) -> None:
     present = workers.Workers(shared.storage, study_id, shared.parent_run_id)
     with tracking.store_errors("joining the study's parent run", STORE_FIX):
         present.join()  # the parent run is RUNNING from here until the last worker leaves
-    runtime.import_tensorflow(project_root())  # before the first trial: its noise filtered, the cache on
-    objective = make_objective(shared, base, space, train, validation, tags)
+    objective = make_objective(shared, base, space, tags)
     mine: list[FrozenTrial] = []
     try:
         with progress(args.trials, args.study) as report:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipeline import io, recipe, runtime, tracking
+from pipeline import recipe, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
 from pipeline.tracking.store import STORE_FIX
@@ -200,18 +200,15 @@ def close_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def make_objective(
-    shared: Study, base: Params, space: SearchSpace, train: io.Split, validation: io.Split, tags: dict[str, str]
+    shared: Study, base: Params, space: SearchSpace, tags: dict[str, str]
 ) -> Callable[[optuna.Trial], float]:
-    """Train one trial, recorded in its own MLflow child run, pruned when clearly behind."""
+    """Train one trial (in a fresh process), recorded in its own MLflow child run, pruned when clearly behind."""
     import optuna
 
     name = shared.study.study_name
 
     def objective(trial: optuna.Trial) -> float:
-        import keras
-
-        from pipeline.fit import fit
-        from pipeline.model import check_fits_in_memory
+        from pipeline.tune.apart import fit_apart
 
         with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
             run_id = tracking.create_run(
@@ -244,15 +241,14 @@ def make_objective(
             trial.set_user_attr("params", flat)
             with tracking.store_errors(f"logging the parameters of trial {trial.number}", STORE_FIX):
                 tracking.log_run(run_id, params=flat)
-            check_fits_in_memory(params.model, params.train.batch_size)
-            with tracking.system_metrics(run_id), runtime.cache_errors_explained():
-                fitted = fit(params.model, params.train, train, validation, on_epoch=on_epoch)
+            with tracking.system_metrics(run_id):
+                history, seconds = fit_apart(params, on_epoch)
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
-                last = fitted.history[-1].metrics  # the figures runs are compared by, as the train stage's
+                last = history[-1].metrics  # the figures runs are compared by, as the train stage's
                 final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
-                tracking.log_run(run_id, metrics={**final, "train_seconds": fitted.train_seconds})
+                tracking.log_run(run_id, metrics={**final, "train_seconds": seconds})
             status, state = "FINISHED", "COMPLETE"
-            return fitted.history[-1].metrics["val_accuracy"]
+            return last["val_accuracy"]
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"
             raise
@@ -268,7 +264,6 @@ def make_objective(
             trial.set_user_attr("fail_reason", reason[:1000])
             raise
         finally:
-            keras.backend.clear_session()  # free this trial's graphs before the next one
             closing = {"optuna.state": state} | ({"optuna.fail_reason": reason[:5000]} if reason else {})
             if sys.exc_info()[0] is None:
                 with tracking.store_errors(f"closing the run of trial {trial.number}", STORE_FIX):
