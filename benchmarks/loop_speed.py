@@ -64,12 +64,7 @@ def scratch_copy(destination: Path) -> Path:
 
 def baseline_copy(destination: Path, rev: str) -> Path:
     """The repository's files at git revision `rev` as a fresh git repository, with `dvc repro` run once."""
-    destination.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
-    identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", rev]):
-        subprocess.run(command, cwd=destination, check=True, capture_output=True)
+    clone(destination, rev)
     subprocess.run(["dvc", "repro"], cwd=destination, check=True, capture_output=True)
     return destination
 

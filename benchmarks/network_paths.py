@@ -20,29 +20,21 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' convnet
+
+from workspace import CONVNET  # noqa: E402
 
 from pipeline import model, runtime  # noqa: E402
-from pipeline.config import CLASSES, IMAGE, PARAMS_FILE, load_params, prepared_file  # noqa: E402
+from pipeline.config import CLASSES, PARAMS_FILE, load_params, prepared_file  # noqa: E402
 from pipeline.io import load_split  # noqa: E402
 
 
 def convnet(params: Any) -> Any:
-    """The network of https://keras.io/examples/vision/mnist_convnet/, with logits out."""
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.Input(shape=IMAGE),
-            keras.layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-            keras.layers.MaxPooling2D(pool_size=(2, 2)),
-            keras.layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-            keras.layers.MaxPooling2D(pool_size=(2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dropout(0.5),
-            keras.layers.Dense(CLASSES),
-        ]
-    )
+    """The network of https://keras.io/examples/vision/mnist_convnet/, with logits out: the body that
+    tests/test_convnet_e2e.py pastes into `build_model`."""
+    namespace = {"CLASSES": CLASSES}
+    exec(f"def build_model(params):\n{CONVNET}", namespace)
+    return namespace["build_model"](params)
 
 
 def epoch_seconds(network: str, plain: bool, epochs: int) -> list[float]:

@@ -39,15 +39,7 @@ TRIAL_LINE = re.compile(r"trial (\d+): ")
 
 def prepared_copy(destination: Path, rev: str | None, env: dict[str, str]) -> Path:
     """This tree's tracked files (or git revision `rev`'s) as a fresh repository with its data prepared."""
-    if rev is None:
-        clone(destination)
-    else:
-        destination.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
-        identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-        for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", rev]):
-            subprocess.run(command, cwd=destination, check=True, capture_output=True)
+    clone(destination, rev)
     subprocess.run(["dvc", "repro", "prepare"], cwd=destination, env=env, check=True, capture_output=True)
     return destination
 

@@ -51,6 +51,12 @@ class EpochResult:
     metrics: dict[str, float]
 
 
+def final_figures(history: list[EpochResult]) -> dict[str, float]:
+    """The last epoch's figures that runs are compared by: metrics/train.json, a run's and a trial's
+    final metrics (MLflow's columns), a trial's objective."""
+    return {name: history[-1].metrics[name] for name in ("val_accuracy", "val_loss")}
+
+
 @dataclass(frozen=True)
 class Fitted:
     """A trained model, its history, and the seconds the epochs took (compilation included)."""

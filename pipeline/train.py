@@ -26,7 +26,7 @@ from pipeline.config import (
     project_root,
 )
 from pipeline.errors import run_stage
-from pipeline.fit import EpochResult, Fitted, fit
+from pipeline.fit import EpochResult, Fitted, final_figures, fit
 
 log = logging.getLogger("pipeline.train")
 
@@ -54,13 +54,6 @@ def history_csv(history: list[EpochResult]) -> str:
     rows = [",".join(["epoch", *history[0].metrics])]
     rows += [",".join([str(r.epoch), *(f"{value:.6g}" for value in r.metrics.values())]) for r in history]
     return "\n".join(rows) + "\n"
-
-
-def summary(fitted: Fitted) -> dict[str, float]:
-    """metrics/train.json: what `dvc exp show` compares, the last epoch's validation figures (the
-    MLflow run, named in runs/train.json, holds every epoch, the training figures and the time)."""
-    last = fitted.history[-1].metrics
-    return {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
 
 
 def train(params: Params) -> Fitted:
@@ -109,11 +102,11 @@ def train(params: Params) -> Fitted:
             out.write(MODEL_FILE, lambda path: model.save(fitted.model, path))
             out.write_bytes(CURVES_FILE, figure)
             out.write_text(HISTORY_FILE, curves)
-            out.write_json(TRAIN_METRICS, summary(fitted))
+            out.write_json(TRAIN_METRICS, final_figures(fitted.history))
             out.write_json(RUN_FILE, {"mlflow_run_id": run_id})
         with timing.phase("MLflow: training time and plots"):
             files: dict[Path, bytes | str] = {CURVES_FILE: figure, HISTORY_FILE: curves}
-            tracking.log_training(fitted.train_seconds, summary(fitted), files)
+            tracking.log_training(fitted.train_seconds, final_figures(fitted.history), files)
         with timing.phase("MLflow: log and register the model"):
             changed = lineage.changed_params(params.flat(), PARAMS_FILE)
             version = tracking.log_model(fitted.model, validation.x[:5], datasets["validation"], changed)

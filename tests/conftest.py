@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from https_server import Certificate, HTTPSServer, make_certificate
 from postgres import PostgresServer, start_server, unavailable
-from workspace import FAST_COMPILE
+from workspace import FAST_COMPILE, QUICK_EPOCHS, reproduced, venv_env
 
 # set before TensorFlow is imported; see workspace.FAST_COMPILE
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
@@ -79,3 +79,17 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """The environment the real commands run in: this venv's (`workspace.venv_env`)."""
+    return venv_env()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+    """A fresh clone after one full `dvc repro` of a quick configuration (QUICK_EPOCHS of a [64, 32]
+    network), once per module that asks (test_server and test_tune make their own)."""
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    return reproduced(root, env=env, train__epochs=QUICK_EPOCHS, model__hidden_units=[64, 32])

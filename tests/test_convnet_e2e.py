@@ -14,41 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from workspace import clone, offline_mnist, sh, venv_env
+from workspace import CONVNET, clone, offline_mnist, sh, venv_env, with_network
 
 pytestmark = pytest.mark.e2e
 
-# The body of https://keras.io/examples/vision/mnist_convnet/'s model, with logits out (the pipeline's loss
-# takes logits) and MNIST's shape and classes from pipeline/config.py.
-CONVNET = '''
-    """The Keras example convnet."""
-    import keras
-
-    from pipeline.config import IMAGE
-
-    return keras.Sequential(
-        [
-            keras.Input(shape=IMAGE),
-            keras.layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-            keras.layers.MaxPooling2D(pool_size=(2, 2)),
-            keras.layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-            keras.layers.MaxPooling2D(pool_size=(2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dropout(0.5),
-            keras.layers.Dense(CLASSES),
-        ]
-    )
-'''
 # One epoch of Adam, as the example trains (it reaches about 0.97 after its first epoch).
 PARAMS = {"train__epochs": 1, "train__optimizer": "adam", "train__learning_rate": 0.001}
-
-
-def with_network(model_py: Path, body: str) -> None:
-    """Replace the body of `build_model` (up to the next top-level definition) with `body`."""
-    source = model_py.read_text()
-    found = re.search(r"^def build_model\(params: ModelParams\) -> keras\.Model:\n(.*?)(?=^\S)", source, re.M | re.S)
-    assert found, "build_model not found in pipeline/model.py"
-    model_py.write_text(source[: found.start(1)] + body.lstrip("\n") + "\n\n" + source[found.end(1) :])
 
 
 def figures(root: Path) -> dict[str, object]:

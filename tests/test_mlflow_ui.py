@@ -9,25 +9,12 @@ from pathlib import Path
 import mlflow
 import pytest
 from browser import VIEWPORT, live_page, on_first_screen, readme_mlflow_ui, wait_drawn
-from workspace import free_port, reproduced, venv_env
+from workspace import free_port
 
-EPOCHS = 3
 CURVES = ("train_accuracy", "train_loss", "val_accuracy", "val_loss")  # per epoch (`epoch/<name>`): steps 1..EPOCHS
 CARD = "[data-testid=experiment-view-compare-runs-card]"  # one chart of a run's Model metrics tab
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def env() -> dict[str, str]:
-    return venv_env()
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
-    """A fresh clone after the Quickstart's `dvc repro` (a quick configuration): one real training."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    return reproduced(root, env=env, train__epochs=EPOCHS, model__hidden_units=[64, 32])
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import Mark, plot_marks, plot_texts, rendered_dom
-from workspace import reproduced, set_params, sh, venv_env
-
-EPOCHS = 3
+from workspace import QUICK_EPOCHS as EPOCHS
+from workspace import set_params, sh
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def env() -> dict[str, str]:
-    return venv_env()
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
-    """A fresh clone reduced to a quick configuration, after one full `dvc repro`."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    return reproduced(root, env=env, train__epochs=EPOCHS, model__hidden_units=[64, 32])
 
 
 def read_json(path: Path) -> dict:

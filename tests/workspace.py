@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pipeline.io import Split
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train__epochs": 2, "model__hidden_units": [64, 32]}
+QUICK_EPOCHS = 3  # the epochs of the conftest `workspace`: enough for a curve
 
 
 def sh(
@@ -68,10 +70,15 @@ def set_params(workspace: Path, **changes: object) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def clone(destination: Path, **params: object) -> Path:
-    """A new git repository holding the repository's tracked files as they are in the working tree,
-    with `params` applied and committed: what a user has after cloning and editing params.yaml."""
-    tracked = sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")
+def clone(destination: Path, rev: str | None = None, **params: object) -> Path:
+    """A new git repository holding the repository's tracked files as they are in the working tree (or at
+    git revision `rev`), with `params` applied and committed: what a user has after cloning and editing
+    params.yaml."""
+    if rev:
+        destination.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    tracked = [] if rev else sh("git", "ls-files", "-z", cwd=REPO).stdout.split("\0")
     for name in filter(None, tracked):
         source = REPO / name
         if source.is_file():
@@ -113,3 +120,34 @@ def offline_splits(validation_size: int = 5000) -> tuple[Split, Split]:
     images, labels = offline_mnist("train")
     splits = prepare.split(prepare.normalize(images), labels.astype(np.int32), validation_size)
     return Split(*splits["train"]), Split(*splits["validation"])
+
+
+# The body of https://keras.io/examples/vision/mnist_convnet/'s model, with logits out (the pipeline's loss
+# takes logits) and MNIST's shape and classes from pipeline/config.py.
+CONVNET = '''
+    """The Keras example convnet."""
+    import keras
+
+    from pipeline.config import IMAGE
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=IMAGE),
+            keras.layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            keras.layers.MaxPooling2D(pool_size=(2, 2)),
+            keras.layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            keras.layers.MaxPooling2D(pool_size=(2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+'''
+
+
+def with_network(model_py: Path, body: str) -> None:
+    """Replace the body of `build_model` (up to the next top-level definition) with `body`."""
+    source = model_py.read_text()
+    found = re.search(r"^def build_model\(params: ModelParams\) -> keras\.Model:\n(.*?)(?=^\S)", source, re.M | re.S)
+    assert found, "build_model not found in pipeline/model.py"
+    model_py.write_text(source[: found.start(1)] + body.lstrip("\n") + "\n\n" + source[found.end(1) :])

@@ -208,6 +208,7 @@ def make_objective(
     name = shared.study.study_name
 
     def objective(trial: optuna.Trial) -> float:
+        from pipeline.fit import final_figures
         from pipeline.tune.apart import fit_apart
 
         with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
@@ -243,12 +244,11 @@ def make_objective(
                 tracking.log_run(run_id, params=flat)
             with tracking.system_metrics(run_id):
                 history, seconds = fit_apart(params, on_epoch)
+            final = final_figures(history)
             with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
-                last = history[-1].metrics  # the figures runs are compared by, as the train stage's
-                final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
                 tracking.log_run(run_id, metrics={**final, "train_seconds": seconds})
             status, state = "FINISHED", "COMPLETE"
-            return last["val_accuracy"]
+            return final["val_accuracy"]
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"
             raise
