@@ -7,10 +7,8 @@ layer on the logits but never uses its output, so the effective model has raw lo
 
 `build_model` is the one place that says what the network is: replace its body with any Keras model
 from rows of `PIXELS` (or images of shape `IMAGE`) to `CLASSES` logits, a convnet for instance, and
-the stages train, evaluate, register and serve it unchanged.
-
-Keras is imported inside the functions, so that `load` can report a missing file before paying for
-TensorFlow's start-up and `mnist-predict` fails fast on a wrong path.
+the stages train, evaluate, register and serve it unchanged. Keras is imported inside the functions,
+so that `load` reports a missing file before paying for TensorFlow's start-up.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ GRACE = 4 * HEARTBEAT
 # PostgreSQL stays down until a worker notices, but never so long that a live trial's last heartbeat
 # (up to one interval before the stop) could look stale to another worker when it is back
 MAX_DOWN = GRACE - HEARTBEAT - 5
-WORKER_TRIALS = 4
+WORKER_TRIALS = 6  # enough that live workers still start trials once the killed one's is stale
 # the page's worker command, plus what keeps the day short on 2 cores (the last --trials wins)
 TINY = ["--trials", str(WORKER_TRIALS), "--heartbeat", str(HEARTBEAT), "--set", "train.epochs=2"]
 TINY += ["--set", "model.hidden_units=[32]"]

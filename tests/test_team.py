@@ -307,6 +307,15 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
         finally:
             team.postgres.start()
         down_seconds = time.monotonic() - down
+        # the heartbeat check of a live worker fails the killed trial (at its next trial once the grace
+        # period has passed) before Bob's machine runs a worker again, whose start would end the dead
+        # process's run KILLED first
+        wait_for(
+            lambda: {t.number: t.state.name for t in optuna_trials(team)}[int(number)] == "FAIL",
+            f"a live worker failing trial {number} of the killed one",
+            GRACE + 120,
+            every=0.5,
+        )
         time.sleep(max(0.0, killed_at + GRACE + 2 - time.monotonic()))
         workers.append(start_worker(team, "bob-3", bob))
         parent_seen = []

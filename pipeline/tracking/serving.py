@@ -1,17 +1,15 @@
 """The registered model as MLflow serves it: the network, behind a check of every request.
 
 MLflow logs this file as the model's code ("models from code": no pickle) beside the network's `.keras`
-file, and runs it wherever the model is loaded: `mlflow models serve`, `mlflow.pyfunc.load_model`,
-`mnist-predict`. So it is self-contained: numpy, Keras and MLflow, and pipeline/quiet.py (standard library
-only) logged beside it, nothing else of the `pipeline` package; the row width it checks is the network's
-own input size (784 pixels for MNIST).
+file, and runs it wherever the model is loaded (`mlflow models serve`, `mlflow.pyfunc.load_model`,
+`mnist-predict`), so it needs only numpy, Keras, MLflow and pipeline/quiet.py, logged beside it.
 
-MLflow's scoring server checks a request against the signature (float32 rows of pixels) but not
-the values: NaN, infinity, `"NaN"` and 1e300 (infinity in float32) would each get ten NaN
-"probabilities" with HTTP 200. `predict` refuses such rows, and requests above `MAX_ROWS` rows, before
-the network runs, with an MlflowException, which the server answers in MLflow's error format as HTTP 400.
-A server can start with another limit: `PIPELINE_SERVING_MAX_ROWS=5000 mlflow models serve ...` (not
-MLflow's model config, which MLflow would also log as parameters of the training's run).
+MLflow's scoring server checks a request against the signature (float32 rows of pixels), not the
+values: NaN, infinity or 1e300 would each get ten NaN "probabilities" with HTTP 200. `predict` refuses
+such rows, and requests above `MAX_ROWS` rows, before the network runs, with an MlflowException that
+the server answers as HTTP 400 in MLflow's error format. Another limit for one server:
+`PIPELINE_SERVING_MAX_ROWS=5000 mlflow models serve ...` (MLflow's model config would be logged as
+parameters of the training's run).
 """
 
 from __future__ import annotations

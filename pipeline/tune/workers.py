@@ -1,23 +1,13 @@
 """The live workers of a study, registered in its Optuna storage, and the study's MLflow parent run that
 follows them: RUNNING while any worker is live, FINISHED once the last one has left or died.
 
-Each worker writes its own record first (a study user attribute `worker:<id>`: host, pid, process
-start, a heartbeat count, ended or not), keeps the count rising from a thread, and marks the record
-ended when it leaves (Ctrl-C and SIGTERM included). A record is live until it is ended or its process
-is known dead: on the same host /proc says so at once (SIGKILL included); a record from another host
-is dead once its count has not risen for GRACE_SECONDS of the reader's own clock (no clocks compared).
-
-After each write of its own record, and with every heartbeat, a worker settles the parent run: it reads
-the records and the run's status and writes the status they call for (a live worker: RUNNING), until a
-read finds both agreeing. Why that is right in every interleaving (the argument of the champion,
-tracking/registry.py): take the last record write, by worker P. Reads after it see every record as it
-stays. If the last status write came before it, P's own reads find that status and P writes unless it
-agrees; if after, its writer reads again and stops only on agreement. So once workers stop joining and
-leaving, the run is RUNNING exactly while a worker is live. In between, a worker acting on an older read
-(one leaving just as another joins) may write FINISHED for a moment; its next read, or the other's next
-heartbeat, puts it back. A worker killed outright is judged dead by the last live worker as it leaves
-(at once on its host; elsewhere once the grace period has passed), or, if it was the last, by the next
-worker that joins and leaves.
+Each worker keeps a record (study user attribute `worker:<id>`: host, process, a heartbeat count, ended
+or not), raises its count every BEAT_SECONDS from a thread and marks it ended when it leaves. A record
+is dead once ended, once its process is gone (same host: at once, SIGKILL included), or once its count
+stood still for GRACE_SECONDS of the reader's clock (another host). After each write of its own record
+a worker settles the parent run: it writes the status the records call for until a read agrees. The
+last write of a record is followed by its writer's reads, so once workers stop coming and going the run
+is RUNNING exactly while one is live (tests/test_workers.py forces the interleavings).
 """
 
 from __future__ import annotations
