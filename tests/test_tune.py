@@ -29,8 +29,10 @@ import yaml
 from helpers import wait_for
 from workspace import REPO, clone, sh, venv_env
 
-from pipeline.config import SEARCH_SPACE_FILE, load_params
-from pipeline.errors import ConfigError, UsageError
+from pipeline.config import SEARCH_SPACE_FILE, Params, load_params
+from pipeline.errors import ConfigError, ResourceError, UsageError
+from pipeline.fit import EpochResult
+from pipeline.tune.apart import fit_apart
 from pipeline.tune.command import INTERRUPTED, parse_args
 from pipeline.tune.space import SearchSpace, differences, parse_set, read_space, trial_params
 from pipeline.tune.storage import GRACE_BEATS
@@ -632,3 +634,74 @@ def test_a_bad_space_file_is_one_line(tmp_path: Path) -> None:
         done.stderr
         == "error: space.yaml: unknown key 'train.learning_rat' in space; did you mean 'train.learning_rate'?\n"
     )
+
+
+# --- a trial's training process (pipeline/tune/apart.py) ------------------------------------------------
+
+
+def tiny(epochs: int) -> Params:
+    """params.yaml's values with a [32] network for `epochs` epochs."""
+    return BASE.model_copy(
+        update={
+            "model": BASE.model.model_copy(update={"hidden_units": [32]}),
+            "train": BASE.train.model_copy(update={"epochs": epochs, "warmup_epochs": 0}),
+        }
+    )
+
+
+def trainers(worker: psutil.Process | None = None) -> list[psutil.Process]:
+    """The training processes of `worker` (default: this process)."""
+    return [p for p in (worker or psutil.Process()).children() if "pipeline.tune.apart" in " ".join(p.cmdline())]
+
+
+@pytest.mark.e2e
+def test_a_trial_trains_apart_to_the_figures_of_the_same_training_here(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import io, runtime
+    from pipeline.config import prepared_file
+    from pipeline.fit import fit
+
+    monkeypatch.chdir(workspace)
+    seen: list[EpochResult] = []
+    history, seconds = fit_apart(tiny(2), seen.append)
+    assert seen == history and [r.epoch for r in history] == [1, 2] and seconds > 0
+    assert not trainers(), "the training process ends with the trial"
+    runtime.import_tensorflow(workspace)
+    train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
+    here = fit(tiny(2).model, tiny(2).train, train, validation)
+    assert history == here.history  # bit for bit: the same seeds, the same program
+
+
+@pytest.mark.e2e
+def test_a_training_process_killed_outright_fails_the_trial_in_one_line(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(workspace)
+
+    def kill(result: EpochResult) -> None:
+        for trainer in trainers():
+            trainer.kill()  # as the out-of-memory killer does
+
+    with pytest.raises(ResourceError, match="killed \\(SIGKILL: the system's out-of-memory killer"):
+        fit_apart(tiny(50), kill)
+
+
+@pytest.mark.e2e
+def test_the_training_process_ends_when_its_worker_is_killed(workspace: Path) -> None:
+    script = (
+        "import sys; from pipeline.config import load_params; from pipeline.tune.apart import fit_apart; "
+        "p = load_params(); p = p.model_copy(update={'train': p.train.model_copy(update={'epochs': 500})}); "
+        "fit_apart(p, lambda r: print('epoch', r.epoch, flush=True))"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=workspace, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().startswith("epoch 1")
+        (trainer,) = [
+            p for p in psutil.Process(worker.pid).children() if "pipeline.tune.apart" in " ".join(p.cmdline())
+        ]
+        worker.kill()
+        worker.wait(timeout=60)
+        wait_for(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, "the trainer's end", 30)
+    finally:
+        worker.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from pipeline import errors, io, quiet, runtime
 from pipeline.config import Params, prepared_file, project_root
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ResourceError
 from pipeline.fit import EpochResult, fit
 
 
@@ -40,7 +41,12 @@ def fit_apart(params: Params, on_epoch: Callable[[EpochResult], None]) -> tuple[
                 return history, message["train_seconds"]
             history.append(EpochResult(message["epoch"], message["metrics"]))
             on_epoch(history[-1])
-        raise PipelineError(f"the trial's training process ended with exit status {child.wait()}; its error is above")
+        if child.wait() == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            raise ResourceError(
+                "the trial's training process was killed (SIGKILL: the system's out-of-memory killer, most likely); "
+                "use fewer or smaller hidden layers, or a smaller train.batch_size."
+            )
+        raise PipelineError(f"the trial's training process ended (exit status {child.returncode}); its error is above")
     finally:
         child.kill()
         child.wait()
