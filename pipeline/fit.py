@@ -6,9 +6,9 @@ mean sparse softmax cross-entropy; every epoch a fresh permutation of the traini
 generator seeded by `train.seed`) array-split into `len(train) // batch_size` nearly equal batches;
 the loss and `epoch_metrics()` on the training batches and on the validation set after every epoch.
 One epoch runs as a single XLA-compiled TensorFlow function, so Python runs once per epoch, not once per
-batch; a network whose gradient XLA cannot compute deterministically (max pooling's) trains through the
-same function without XLA. docs/performance.md says why the loop looks as it does, and what the
-fallback costs.
+batch; a network whose gradient XLA cannot compute deterministically (max pooling's), or so deep that
+XLA would compile it for minutes, trains through the same function without XLA. docs/performance.md
+says why the loop looks as it does, and what the fallback costs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger("pipeline.fit")
+
+# XLA's compile time and memory grow faster than the network: past this many weight tensors (about 330
+# hidden layers of the MLP) the plain graph reaches its first epoch sooner and in less memory
+# (docs/performance.md, "Very deep networks").
+DEEP_WEIGHTS = 2_000
 
 
 def epoch_metrics() -> list[keras.metrics.Metric]:
@@ -164,6 +169,12 @@ class Trainer:
         signature = [tf.TensorSpec((self.n,), tf.int32), *data]
         self._epoch = tf.function(self._epoch_body, jit_compile=True, input_signature=signature)
         self._plain_epoch = tf.function(self._epoch_body, jit_compile=False, input_signature=signature)
+        if len(model.weights) > DEEP_WEIGHTS:
+            log.info(
+                "a network of %d weight tensors: training without XLA, which compiles it for minutes",
+                len(model.weights),
+            )
+            self._epoch = self._plain_epoch
         self._validate = tf.function(self._validate_body, jit_compile=False, input_signature=[])
         self._epoch.get_concrete_function()  # trace only; XLA compiles on the first call
         self._validate.get_concrete_function()

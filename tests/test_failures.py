@@ -535,10 +535,11 @@ def test_diverging_training_saves_and_registers_nothing(repo: Path) -> None:
     assert [r.info.status for r in new] == ["FAILED"]
 
 
-@pytest.mark.e2e  # XLA compiles the 700-layer epoch for about four minutes on 2 cores
+@pytest.mark.e2e  # the 700-layer epoch takes about two minutes to trace and optimize on 2 cores
 def test_a_network_of_700_hidden_layers_trains_or_stops_in_one_line(repo: Path) -> None:
     """Keras walked such a network with more frames than Python's default limit (RecursionError); it now
-    reaches training, where 700 layers of two units diverge on the CPUs we know (the divergence line)."""
+    trains (as a plain graph: XLA would compile it for minutes), and 700 layers of two units diverge on
+    the CPUs we know (the divergence line)."""
     set_params(repo, model__hidden_units=[2] * 700, train__epochs=1)
     before = snapshot(repo)
     done = run(sys.executable, "-m", "pipeline.train", cwd=repo, timeout=1500)

@@ -194,6 +194,23 @@ def test_a_network_xla_refuses_trains_without_it_deterministically(
     assert results[-1].metrics["val_accuracy"] > 0.9
 
 
+def test_a_very_deep_network_trains_as_a_plain_graph_deterministically(
+    even: tuple[Split, Split], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past DEEP_WEIGHTS weight tensors XLA would compile for minutes: the plain graph trains it, the
+    same twice (here a [32, 16] network, with the bound lowered below its 14 tensors)."""
+    from pipeline import fit as core
+
+    monkeypatch.setattr(core, "DEEP_WEIGHTS", 10)
+    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
+        first, results = train_weights(TRAIN, *even)
+    assert "weight tensors: training without XLA" in caplog.text
+    second, again = train_weights(TRAIN, *even)
+    assert results == again
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+    assert results[-1].metrics["val_accuracy"] > 0.9
+
+
 def test_every_epoch_reports_the_loss_and_each_metric_for_both_sets(
     baseline: tuple[list[np.ndarray], list[EpochResult]],
 ) -> None:
