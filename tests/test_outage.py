@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import optuna
 import psycopg
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from pipeline import tracking
 from pipeline.errors import StoreUnavailableError, TrackingError
 from pipeline.tune import outage
-from pipeline.tune.storage import open_storage
+from pipeline.tune.storage import GRACE_BEATS, open_storage
 from pipeline.tune.study import Study, close_stale_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # the heartbeat's
@@ -105,6 +106,38 @@ def test_a_worker_waits_out_a_restart_and_goes_on(
 
     closed = MlflowClient().get_run(run_of_trial_1)
     assert closed.info.status == "FAILED" and "went away" in closed.data.tags["optuna.fail_reason"]
+
+
+@pytest.mark.e2e
+def test_a_trial_a_cut_commit_left_behind_is_failed_by_the_heartbeat_check(
+    postgres: PostgresServer, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection is cut just as trial 1's creation commits: Optuna never hands it to the worker,
+    which waits out the outage and goes on. The orphan, RUNNING without a heartbeat, would stay so for
+    good; the worker's one beat for it lets the next heartbeat check fail it."""
+    shared, url = a_study(postgres, "outage_cut_commit")
+    create = shared.storage._create_new_trial  # what Optuna's cached storage calls
+
+    def commit_then_lose_the_answer(study_id: int, template_trial: object = None) -> object:
+        created = create(study_id, template_trial)
+        if created.number == 1:
+            postgres.stop()
+            threading.Timer(3.0, postgres.start).start()
+            shared.storage.get_all_studies()  # the worker's next word to the database: refused
+        return created
+
+    monkeypatch.setattr(shared.storage, "_create_new_trial", commit_then_lose_the_answer)
+    outage.optimize(shared, lambda trial: float(trial.number), 3, (), [], url, wait=60)
+    study = optuna.load_study(study_name="outage_cut_commit", storage=shared.storage)
+    assert [(t.number, t.state.name) for t in study.trials] == [
+        (0, "COMPLETE"),
+        (1, "RUNNING"),
+        (2, "COMPLETE"),
+        (3, "COMPLETE"),
+    ]
+    time.sleep(1 + GRACE_BEATS)  # past the grace period of a 1 s heartbeat
+    optuna.storages.fail_stale_trials(study)  # what the next trial of any worker does first
+    assert study.trials[1].state.name == "FAIL"
 
 
 @pytest.mark.e2e

@@ -298,8 +298,9 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
         victim.popen.wait(timeout=60)
         killed_at = time.monotonic()
         # PostgreSQL stops while every live worker trains, not while one writes a new trial: a connection
-        # cut during that commit leaves Optuna unsure whether it landed, and its retry may leave a RUNNING
-        # trial that no worker knows (Optuna's limit, in docs/team.md)
+        # cut during that commit leaves Optuna unsure whether it landed, and its retry may leave a trial
+        # that no worker trains, failed only a grace period later (docs/team.md), which this day's
+        # count of trials per worker would not expect
         live = workers[:3]
         wait_for(lambda: all(training(team, w) for w in live), "every live worker in a trial's epochs", 120, every=0.1)
         before = finished_so_far(team)

@@ -102,6 +102,18 @@ def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
             tracking.end_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason[:5000]})
 
 
+def beat_running_trials(shared: Study) -> None:
+    """One heartbeat for each RUNNING trial of the study. A connection cut while a worker commits a new
+    trial leaves Optuna unsure whether it landed; it retries, and a first attempt that did land is a
+    trial no worker trains and that never had a heartbeat, which Optuna never fails. One beat makes it
+    stale after the grace period, so a worker's heartbeat check fails it; a live trial beats on anyway."""
+    from optuna.trial import TrialState
+
+    study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
+    for trial in shared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        shared.storage.record_heartbeat(shared.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+
+
 def optimize(
     shared: Study,
     objective: Callable[[optuna.Trial], float],
@@ -153,9 +165,12 @@ def optimize(
                 f"{outage} and did not come back within {wait:.0f} s; start it again, then this worker "
                 "(the study resumes where it stopped)."
             )
-        if in_flight is not None:
-            try:
+        try:
+            if in_flight is not None:
                 fail_in_flight(shared, in_flight, outage)
-            except Exception as error:  # gone again already: the next round says so and waits again
-                if outage_of(error, url) is None:
-                    raise
+                finished.add(in_flight)
+            else:
+                beat_running_trials(shared)
+        except Exception as error:  # gone again already: the next round says so and waits again
+            if outage_of(error, url) is None:
+                raise
