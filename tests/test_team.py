@@ -302,7 +302,13 @@ def day(team: Team, alice: Path, bob: Path) -> Iterator[Day]:
         # that no worker trains, failed only a grace period later (docs/team.md), which this day's
         # count of trials per worker would not expect
         live = workers[:3]
-        wait_for(lambda: all(training(team, w) for w in live), "every live worker in a trial's epochs", 120, every=0.1)
+
+        def all_in_a_trial() -> bool:  # each one's trial run is RUNNING: past Optuna's creation of it
+            _, children = study_runs(team.env, STUDY)
+            running = {run.data.tags.get("pid") for run in children if run.info.status == "RUNNING"}
+            return all(w.popen.poll() is not None or str(w.popen.pid) in running for w in live)
+
+        wait_for(all_in_a_trial, "every live worker in a trial", 120, every=0.1)
         before = finished_so_far(team)
         team.postgres.stop()
         down = time.monotonic()
