@@ -109,6 +109,28 @@ def test_a_worker_waits_out_a_restart_and_goes_on(
 
 
 @pytest.mark.e2e
+def test_a_trial_whose_run_the_outage_refused_gets_a_failed_run(postgres: PostgresServer, store: str) -> None:
+    """The database goes away before trial 1 has its MLflow run: once it is back, the trial is failed
+    and a run of it made FAILED with the reason, so MLflow shows every trial of the study."""
+    shared, url = a_study(postgres, "outage_no_run")
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 1:
+            postgres.stop()
+            threading.Timer(3.0, postgres.start).start()
+            trial.report(0.5, 1)
+        return float(trial.number)
+
+    outage.optimize(shared, objective, 3, (), [], url, wait=60)
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs([shared.experiment_id], "tags.optuna.trial_number = '1'")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("outage_no_run/trial-1", "FAILED")]
+    assert runs[0].data.tags["mlflow.parentRunId"] == shared.parent_run_id
+    assert "went away" in runs[0].data.tags["optuna.fail_reason"]
+
+
+@pytest.mark.e2e
 def test_a_trial_a_cut_commit_left_behind_is_failed_by_the_heartbeat_check(
     postgres: PostgresServer, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,8 +97,11 @@ def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
             storage.set_trial_user_attr(trial_id, "fail_reason", reason[:1000])
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
             state = TrialState.FAIL
-    if state == TrialState.FAIL and (run_id := shared.runs.get(number)):
+    if state == TrialState.FAIL:
+        from pipeline.tune.study import trial_run
+
         with tracking.store_errors(f"closing the run of trial {number}", "run the worker again"):
+            run_id = shared.runs.get(number) or trial_run(shared, number, {})  # the outage refused its creation
             tracking.end_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason[:5000]})
 
 

@@ -180,6 +180,19 @@ def open_study(
     return Study(study, storage, parent, experiment_id)
 
 
+def trial_run(shared: Study, number: int, tags: dict[str, str]) -> str:
+    """A new RUNNING run `<study>/trial-<number>` under the study's parent run, kept in `shared.runs`."""
+    name = shared.study.study_name
+    run_id = tracking.create_run(
+        shared.experiment_id,
+        f"{name}/trial-{number}",
+        parent_run_id=shared.parent_run_id,
+        tags={"optuna.study": name, "optuna.trial_number": str(number), **tags},
+    )
+    shared.runs[number] = run_id
+    return run_id
+
+
 def mark_failed(shared: Study, trial: optuna.Trial) -> None:
     """Record a trial FAIL that Optuna would leave RUNNING (it re-raises SIGTERM's exception untouched)."""
     from optuna.trial import TrialState
@@ -205,27 +218,14 @@ def make_objective(
     """Train one trial (in a fresh process), recorded in its own MLflow child run, pruned when clearly behind."""
     import optuna
 
-    name = shared.study.study_name
-
     def objective(trial: optuna.Trial) -> float:
         from pipeline.fit import final_figures
         from pipeline.tune.apart import fit_apart
 
         with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
-            run_id = tracking.create_run(
-                shared.experiment_id,
-                f"{name}/trial-{trial.number}",
-                parent_run_id=shared.parent_run_id,
-                tags={
-                    "optuna.study": name,
-                    "optuna.trial_number": str(trial.number),
-                    **tags,
-                    # host and pid: the next pipeline run on this host ends it KILLED if this worker is
-                    # killed outright (tracking.end_orphaned_runs); the next worker fails it (heartbeat)
-                    **tracking.process_tags(),
-                },
-            )
-        shared.runs[trial.number] = run_id
+            # host and pid: the next pipeline run on this host ends it KILLED if this worker is killed
+            # outright (tracking.end_orphaned_runs); the next worker fails it (heartbeat)
+            run_id = trial_run(shared, trial.number, {**tags, **tracking.process_tags()})
         trial.set_user_attr("mlflow_run_id", run_id)
         status, state, reason = "FAILED", "FAIL", ""
 
