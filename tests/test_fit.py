@@ -176,6 +176,20 @@ def test_divergence_stops_training_with_a_clear_error(even: tuple[Split, Split])
     assert seen == []
 
 
+def assert_trains_without_xla_deterministically(
+    even: tuple[Split, Split], caplog: pytest.LogCaptureFixture, said: str
+) -> None:
+    """Two trainings with TRAIN: the first logs `said` (the plain graph's line); the same weights and
+    history both times, and well above chance."""
+    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
+        first, results = train_weights(TRAIN, *even)
+    assert said in caplog.text
+    second, again = train_weights(TRAIN, *even)
+    assert results == again
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+    assert results[-1].metrics["val_accuracy"] > 0.9
+
+
 def test_a_network_xla_refuses_trains_without_it_deterministically(
     even: tuple[Split, Split], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -185,13 +199,7 @@ def test_a_network_xla_refuses_trains_without_it_deterministically(
     from pipeline import model
 
     monkeypatch.setattr(model, "build_model", small_convnet)
-    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
-        first, results = train_weights(TRAIN, *even)
-    assert "training without XLA" in caplog.text
-    second, again = train_weights(TRAIN, *even)
-    assert results == again
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
-    assert results[-1].metrics["val_accuracy"] > 0.9
+    assert_trains_without_xla_deterministically(even, caplog, "training without XLA")
 
 
 def test_a_very_deep_network_trains_as_a_plain_graph_deterministically(
@@ -202,13 +210,7 @@ def test_a_very_deep_network_trains_as_a_plain_graph_deterministically(
     from pipeline import fit as core
 
     monkeypatch.setattr(core, "DEEP_WEIGHTS", 10)
-    with caplog.at_level(logging.INFO, logger="pipeline.fit"):
-        first, results = train_weights(TRAIN, *even)
-    assert "weight tensors: training without XLA" in caplog.text
-    second, again = train_weights(TRAIN, *even)
-    assert results == again
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
-    assert results[-1].metrics["val_accuracy"] > 0.9
+    assert_trains_without_xla_deterministically(even, caplog, "weight tensors: training without XLA")
 
 
 def test_every_epoch_reports_the_loss_and_each_metric_for_both_sets(

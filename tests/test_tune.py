@@ -493,14 +493,14 @@ def test_a_worker_runs_trial_after_trial_in_flat_memory(workspace: Path, tune_en
     data, by ~27 when it kept only each trial's compiled programs; benchmarks/tune_memory.py runs longer)."""
     tiny = ["--set", "model.hidden_units=[32]", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0"]
     process = tune(workspace, tune_env, "--study", f"{STUDY}-memory", "--trials", "10", *tiny)
-    worker, peaks, trainers = psutil.Process(process.pid), [0.0], set()
+    worker, peaks, trainer_pids = psutil.Process(process.pid), [0.0], set()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.05):
             with contextlib.suppress(psutil.Error):
                 children = worker.children(recursive=True)
-                trainers.update(c.pid for c in children if "pipeline.tune.apart" in " ".join(c.cmdline()))
+                trainer_pids.update(c.pid for c in children if is_trainer(c))
                 total = worker.memory_info().rss + sum(c.memory_info().rss for c in children)
                 peaks[-1] = max(peaks[-1], total / 2**20)
 
@@ -516,7 +516,7 @@ def test_a_worker_runs_trial_after_trial_in_flat_memory(workspace: Path, tune_en
         if process.poll() is None:
             process.kill()
     peaks = peaks[:-1]
-    assert len(peaks) == 10 and len(trainers) == 10  # a training process per trial
+    assert len(peaks) == 10 and len(trainer_pids) == 10  # a training process per trial
     per_trial = (sum(peaks[7:10]) - sum(peaks[1:4])) / 3 / 6
     print(f"peak RSS (MiB) of the worker and its children per trial: {[round(p) for p in peaks]}; {per_trial:.1f}")
     assert per_trial < 15, peaks
@@ -639,7 +639,7 @@ def test_a_bad_space_file_is_one_line(tmp_path: Path) -> None:
 # --- a trial's training process (pipeline/tune/apart.py) ------------------------------------------------
 
 
-def tiny(epochs: int) -> Params:
+def quick_params(epochs: int) -> Params:
     """params.yaml's values with a [32] network for `epochs` epochs."""
     return BASE.model_copy(
         update={
@@ -649,9 +649,14 @@ def tiny(epochs: int) -> Params:
     )
 
 
+def is_trainer(process: psutil.Process) -> bool:
+    """Whether `process` is a trial's training process (`python -m pipeline.tune.apart`)."""
+    return "pipeline.tune.apart" in " ".join(process.cmdline())
+
+
 def trainers(worker: psutil.Process | None = None) -> list[psutil.Process]:
     """The training processes of `worker` (default: this process)."""
-    return [p for p in (worker or psutil.Process()).children() if "pipeline.tune.apart" in " ".join(p.cmdline())]
+    return [p for p in (worker or psutil.Process()).children() if is_trainer(p)]
 
 
 @pytest.mark.e2e
@@ -664,12 +669,12 @@ def test_a_trial_trains_apart_to_the_figures_of_the_same_training_here(
 
     monkeypatch.chdir(workspace)
     seen: list[EpochResult] = []
-    history, seconds = fit_apart(tiny(2), seen.append)
+    history, seconds = fit_apart(quick_params(2), seen.append)
     assert seen == history and [r.epoch for r in history] == [1, 2] and seconds > 0
     assert not trainers(), "the training process ends with the trial"
     runtime.import_tensorflow(workspace)
     train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
-    here = fit(tiny(2).model, tiny(2).train, train, validation)
+    here = fit(quick_params(2).model, quick_params(2).train, train, validation)
     assert history == here.history  # bit for bit: the same seeds, the same program
 
 
@@ -684,7 +689,7 @@ def test_a_training_process_killed_outright_fails_the_trial_in_one_line(
             trainer.kill()  # as the out-of-memory killer does
 
     with pytest.raises(ResourceError, match="killed \\(SIGKILL: the system's out-of-memory killer"):
-        fit_apart(tiny(50), kill)
+        fit_apart(quick_params(50), kill)
 
 
 @pytest.mark.e2e
@@ -697,9 +702,7 @@ def test_the_training_process_ends_when_its_worker_is_killed(workspace: Path) ->
     worker = subprocess.Popen([sys.executable, "-c", script], cwd=workspace, stdout=subprocess.PIPE, text=True)
     try:
         assert worker.stdout is not None and worker.stdout.readline().startswith("epoch 1")
-        (trainer,) = [
-            p for p in psutil.Process(worker.pid).children() if "pipeline.tune.apart" in " ".join(p.cmdline())
-        ]
+        (trainer,) = trainers(psutil.Process(worker.pid))
         worker.kill()
         worker.wait(timeout=60)
         wait_for(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, "the trainer's end", 30)

@@ -21,6 +21,7 @@ from pipeline import errors, io, quiet, runtime
 from pipeline.config import Params, prepared_file, project_root
 from pipeline.errors import PipelineError, ResourceError
 from pipeline.fit import EpochResult, fit
+from pipeline.model import check_fits_in_memory
 
 
 def fit_apart(params: Params, on_epoch: Callable[[EpochResult], None]) -> tuple[list[EpochResult], float]:
@@ -66,8 +67,6 @@ def main() -> None:
 
     quiet.configure_logging()
     try:
-        from pipeline.model import check_fits_in_memory
-
         runtime.import_tensorflow(project_root())
         train, validation = (io.load_split(prepared_file(split)) for split in ("train", "validation"))
         check_fits_in_memory(params.model, params.train.batch_size)

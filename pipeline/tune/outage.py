@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 from pipeline import database, tracking
 from pipeline.errors import StoreUnavailableError, TrackingError, chain
 from pipeline.tune.storage import poll
+from pipeline.tune.study import Study, trial_run
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from pipeline.tune.study import Study
 
 log = logging.getLogger("pipeline.tune")
 
@@ -98,8 +98,6 @@ def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
             state = TrialState.FAIL
     if state == TrialState.FAIL:
-        from pipeline.tune.study import trial_run
-
         with tracking.store_errors(f"closing the run of trial {number}", "run the worker again"):
             run_id = shared.runs.get(number) or trial_run(shared, number, {})  # the outage refused its creation
             tracking.end_run(run_id, "FAILED", {"optuna.state": "FAIL", "optuna.fail_reason": reason[:5000]})
