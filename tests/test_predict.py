@@ -8,6 +8,7 @@ training core, `pipeline.fit` (about a second).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -450,6 +451,15 @@ def test_cli_hostile_names_give_one_parseable_record_or_error_line_each(
         ]
 
 
+def opens(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds `path` open (a descriptor may close while we look)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if fd.readlink() == path.resolve():
+                return True
+    return False
+
+
 @pytest.mark.e2e  # runs the real command in a process of its own
 def test_cli_interrupted_says_what_it_left(cli_env: dict[str, str], tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.png"
@@ -459,7 +469,7 @@ def test_cli_interrupted_says_what_it_left(cli_env: dict[str, str], tmp_path: Pa
     try:
         deadline = time.monotonic() + 60
         # it has opened the pipe and waits for data: the moment to press Ctrl-C
-        while not any(fd.resolve() == fifo for fd in Path(f"/proc/{process.pid}/fd").iterdir()):
+        while not opens(process.pid, fifo):
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.01)
         process.send_signal(signal.SIGINT)
