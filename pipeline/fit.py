@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline import quiet, timing
 from pipeline.config import SIDE, ModelParams, TrainParams
-from pipeline.errors import DivergedError, PipelineError
+from pipeline.errors import DivergedError, PipelineError, first_line
 from pipeline.io import ALIGNMENT, Split
 
 if TYPE_CHECKING:
@@ -238,11 +238,11 @@ class Trainer:
             return self._epoch(permutation, self.x, self.y)
         except tf.errors.UnimplementedError as error:  # XLA refuses a layer (a damaged cache entry is not that)
             if self._epoch is not self._plain_epoch and not int(self.optimizer.iterations):
-                log.info("XLA cannot compile this network (%s): training without XLA", _first_line(error))
+                log.info("XLA cannot compile this network (%s): training without XLA", first_line(error))
                 self._epoch = self._plain_epoch
                 return self._train(permutation)
             raise PipelineError(
-                f"no deterministic way to train this network here ({_first_line(error)}); replace that "
+                f"no deterministic way to train this network here ({first_line(error)}); replace that "
                 "layer in pipeline/model.py build_model."
             ) from None
 
@@ -263,10 +263,6 @@ def as_tensor(array: np.ndarray) -> Any:
     if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0 and array.size:
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.constant(array)
-
-
-def _first_line(error: Any) -> str:
-    return (error.message or type(error).__name__).strip().splitlines()[0]
 
 
 def check_finite(result: EpochResult, params: TrainParams) -> None:

@@ -156,11 +156,18 @@ def staged_outputs() -> Iterator[StagedOutputs]:
 
 def read_json(source: Path, produced_by: str) -> dict[str, Any]:
     """Read a JSON file that an earlier stage wrote, with a clear error if it is missing or corrupt."""
-    try:
+    with _explained(source, produced_by):
         return json.loads(source.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def _explained(source: Path, produced_by: str) -> Iterator[None]:
+    """A missing or unreadable input written by the stage `produced_by`, said in one line with the fix."""
+    try:
+        yield
     except FileNotFoundError:
         raise DataError(f"{source} is missing; run `dvc repro {produced_by}` to create it.") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
 
 
@@ -196,14 +203,9 @@ def _read_npy_aligned(handle: IO[bytes]) -> np.ndarray:
 
 def load_arrays(source: Path, produced_by: str) -> dict[str, np.ndarray]:
     """Load an .npz written by `StagedOutputs.save_split`: no pickle; a missing or corrupt file is explained."""
-    try:
-        with zipfile.ZipFile(source) as archive:
-            arrays = {}
-            for member in archive.namelist():
-                with archive.open(member) as handle:
-                    arrays[member.removesuffix(".npy")] = _read_npy_aligned(handle)
-            return arrays
-    except FileNotFoundError:
-        raise DataError(f"{source} is missing; run `dvc repro {produced_by}` to create it.") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
+    with _explained(source, produced_by), zipfile.ZipFile(source) as archive:
+        arrays = {}
+        for member in archive.namelist():
+            with archive.open(member) as handle:
+                arrays[member.removesuffix(".npy")] = _read_npy_aligned(handle)
+        return arrays
