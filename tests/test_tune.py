@@ -650,8 +650,12 @@ def quick_params(epochs: int) -> Params:
 
 
 def is_trainer(process: psutil.Process) -> bool:
-    """Whether `process` is a trial's training process (`python -m pipeline.tune.apart`)."""
-    return "pipeline.tune.apart" in " ".join(process.cmdline())
+    """Whether `process` is a trial's training process (`python -m pipeline.tune.apart`); False for one
+    that ended while we looked."""
+    try:
+        return "pipeline.tune.apart" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def trainers(worker: psutil.Process | None = None) -> list[psutil.Process]:
