@@ -21,8 +21,7 @@ import pytest
 import requests
 import yaml
 from https_server import HTTPSServer, Reply, closed_port
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from workspace import REPO
 
 from pipeline.config import MNIST_FILES, DownloadParams, validate_params

@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from pipeline.errors import chain, escaped, first_line
 

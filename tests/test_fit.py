@@ -7,8 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from workspace import REPO
 
 from pipeline.config import ModelParams, TrainParams, load_params

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import Mark, plot_marks, plot_texts, rendered_dom
-from workspace import QUICK_EPOCHS as EPOCHS
-from workspace import set_params, sh
+from workspace import QUICK_EPOCHS as EPOCHS, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
