@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -113,3 +113,24 @@ def configure_logging() -> None:
         # A database that fails (locked, damaged) gets a traceback logged by MLflow for every query it
         # tries before the error reaches the command, which then says it in one line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, unit: str) -> Iterator[Callable[[str, str, bool], None]]:
+    """A bar on a terminal, one quiet log line per step elsewhere (CI logs): `step(line, postfix, loud)`
+    advances it by one, logging `line`, or on the bar showing `postfix` beside it (and `line` above it
+    if `loud`)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr) as bar:
+
+        def step(line: str, postfix: str, loud: bool = False) -> None:
+            if bar.disable:
+                logging.getLogger("pipeline").info("%s", line)
+                return
+            bar.set_postfix_str(postfix, refresh=False)
+            if loud:
+                bar.write(line, file=sys.stderr)
+            bar.update()
+
+        yield step

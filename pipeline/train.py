@@ -7,7 +7,6 @@ after the MLflow run holds everything: a failure anywhere leaves the previous ou
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -34,17 +33,11 @@ log = logging.getLogger("pipeline.train")
 @contextmanager
 def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
     """A progress bar on a terminal, one quiet line per epoch in logs."""
-    from tqdm import tqdm
-
-    with tqdm(total=epochs, desc="train", unit="epoch", disable=None, file=sys.stderr) as bar:
+    with quiet.progress(epochs, "train", "epoch") as step:
 
         def report(result: EpochResult) -> None:
             figures = " ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
-            if bar.disable:
-                log.info("epoch %d/%d: %s", result.epoch, epochs, figures)
-            else:
-                bar.set_postfix_str(figures, refresh=False)
-                bar.update()
+            step(f"epoch {result.epoch}/{epochs}: {figures}", figures, False)
 
         yield report
 

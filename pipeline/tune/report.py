@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
-import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pipeline import recipe, tracking
+from pipeline import quiet, recipe, tracking
 from pipeline.config import Params
 from pipeline.tune.space import differences
 from pipeline.tune.study import Study
@@ -46,20 +45,12 @@ def trial_line(study: optuna.Study, trial: FrozenTrial) -> str:
 
 @contextlib.contextmanager
 def progress(trials: int, name: str) -> Iterator[Callable[[optuna.Study, FrozenTrial], None]]:
-    """A bar over this worker's trials on a terminal; one line per trial in logs."""
-    from tqdm import tqdm
-
-    with tqdm(total=trials, desc=f"tune {name}", unit="trial", disable=None, file=sys.stderr) as bar:
+    """A bar over this worker's trials on a terminal (a failed trial's line above it); one line per trial in logs."""
+    with quiet.progress(trials, f"tune {name}", "trial") as step:
 
         def report(study: optuna.Study, trial: FrozenTrial) -> None:
             line = trial_line(study, trial)
-            if bar.disable:
-                log.info("%s", line)
-            else:
-                bar.set_postfix_str(line.partition("; ")[2], refresh=False)
-                if trial.state.name == "FAIL":
-                    bar.write(line, file=sys.stderr)
-                bar.update()
+            step(line, line.partition("; ")[2], trial.state.name == "FAIL")
 
         yield report
 
