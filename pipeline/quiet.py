@@ -1,4 +1,4 @@
-"""Quiet output: the known noise of TensorFlow, absl, MLflow and matplotlib, hidden; real warnings kept.
+"""Quiet output: the known noise of TensorFlow, absl, MLflow and matplotlib hidden, real warnings kept; progress.
 
 `import tensorflow` prints C++ lines (cuInit, CUDA stubs, "All log messages before
 absl::InitializeLog()") straight to file descriptor 2 before absl is initialised, so neither

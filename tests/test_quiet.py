@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 
 from workspace import REPO
 
@@ -95,3 +101,29 @@ def test_a_real_feature_mismatch_stays_loud() -> None:
     alarm = [aot_mismatch("+prefer-no-scatter", host=AVX2_HOST)]
     assert through_filter([*alarm, *real]) == real
     assert through_filter([aot_mismatch("+amx-tile")]) == [aot_mismatch("+amx-tile")]
+
+
+
+def test_progress_is_one_quiet_line_per_step_in_logs_and_a_bar_on_a_terminal() -> None:
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "with quiet.progress(2, 'train', 'epoch') as step:\n"
+        "    step('epoch 1/2: loss 1.0', 'loss 1.0', False)\n"
+        "    step('trial 2: FAIL (diverged)', 'best so far 0.9', True)\n"
+    )
+    logged = run(code)  # stderr is a pipe, as in CI: lines, no bar
+    assert logged.stderr.splitlines() == ["epoch 1/2: loss 1.0", "trial 2: FAIL (diverged)"]
+
+    terminal, stderr = pty.openpty()  # stderr a terminal: a bar, and only the loud line printed above it
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns wide
+    command = [sys.executable, "-c", "from pipeline import quiet\n" + code]
+    with subprocess.Popen(command, cwd=REPO, stderr=stderr) as bar:
+        os.close(stderr)
+        shown = b""
+        with contextlib.suppress(OSError):  # the terminal closes with the process
+            while chunk := os.read(terminal, 1 << 16):
+                shown += chunk
+    os.close(terminal)
+    text = shown.decode()
+    assert bar.returncode == 0 and "train: 100%" in text and "2/2" in text, text
+    assert "trial 2: FAIL (diverged)" in text and "epoch 1/2" not in text, text
