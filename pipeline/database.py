@@ -21,11 +21,6 @@ CONNECT_SECONDS = 10
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s]+)@")
 
 
-def shown_url(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages and tags (`secrets.redacted`)."""
-    return redacted(url)
-
-
 def hide_password(text: str, url: str) -> str:
     """`text` (a driver's error message, say) without secrets, and without the URL's password wherever it
     appears on its own."""
@@ -59,7 +54,7 @@ def check_driver(url: str, setting: str) -> None:
         else:
             fix = f"install the Python package of the {module} driver"
         raise TrackingError(
-            f"{setting} {shown_url(url)} needs the {parsed.get_backend_name()} driver {module}, which cannot be "
+            f"{setting} {redacted(url)} needs the {parsed.get_backend_name()} driver {module}, which cannot be "
             f"imported ({hide_password(str(error), url)}); {fix}."
         ) from None
 

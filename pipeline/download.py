@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import io, quiet
 from pipeline.config import CHECKSUMS_FILE, MNIST_FILES, RAW_DIR, DownloadParams, load_params
-from pipeline.errors import DataError, run_stage
+from pipeline.errors import DataError, run_stage, unanswered
 
 log = logging.getLogger("pipeline.download")
 
@@ -91,18 +91,9 @@ class Fetcher:
                         bar.update(len(chunk))
                 return b"".join(chunks)
         except (requests.ConnectionError, requests.Timeout) as error:
-            raise SourceDownError(_short_reason(error)) from None
+            raise SourceDownError(unanswered(error)) from None
         except requests.RequestException as error:
-            raise BadFileError(_short_reason(error)) from None
-
-
-def _short_reason(error: Exception) -> str:
-    """The useful tail of a requests error (name resolution, refused, timed out...)."""
-    text = str(error)
-    for marker in ("Failed to resolve", "Connection refused", "timed out", "Read timed out"):
-        if marker in text:
-            return marker.lower()
-    return text[:200]
+            raise BadFileError(unanswered(error)) from None
 
 
 def read_checksums(path: Path = CHECKSUMS_FILE) -> dict[str, str]:

@@ -106,6 +106,24 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+_NO_ANSWER = (  # (words in an error of `requests` or urllib3, what a message says)
+    ("Connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("Failed to resolve", "unknown host name"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
+)
+
+
+def unanswered(error: BaseException) -> str:
+    """Why an HTTP request got no answer ("connection refused", "timed out", ...), from the errors behind
+    `error`; else its first line."""
+    for found in chain(error):
+        for marker, reason in _NO_ANSWER:
+            if marker in str(found):
+                return reason
+    return first_line(error)[:200]
+
+
 def report(error: PipelineError) -> None:
     """One `error:` line on stderr: how every command states a problem the user can fix. Whatever the
     message holds (a file name with a newline, say), it stays one line, and no password shows in it."""

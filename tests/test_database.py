@@ -20,16 +20,17 @@ from workspace import REPO, venv_env
 
 from pipeline import database
 from pipeline.errors import TrackingError
+from pipeline.secrets import redacted
 
 SECRET_URL = "postgresql://team:pa%3Ass@db.internal:5432/optuna"
 
 
 def test_urls_and_messages_never_show_the_password() -> None:
-    assert database.shown_url(SECRET_URL) == "postgresql://team:***@db.internal:5432/optuna"
-    assert database.shown_url("https://me:token@mlflow.example") == "https://me:***@mlflow.example"
+    assert redacted(SECRET_URL) == "postgresql://team:***@db.internal:5432/optuna"
+    assert redacted("https://me:token@mlflow.example") == "https://me:***@mlflow.example"
     # a lone user name is hidden too: in https://TOKEN@host it is the credential itself
-    assert database.shown_url("postgresql://team@db/optuna") == "postgresql://***@db/optuna"
-    assert database.shown_url("sqlite:////srv/optuna.db") == "sqlite:////srv/optuna.db"
+    assert redacted("postgresql://team@db/optuna") == "postgresql://***@db/optuna"
+    assert redacted("sqlite:////srv/optuna.db") == "sqlite:////srv/optuna.db"
     text = f"could not connect with password pa:ss to {SECRET_URL}"
     assert database.hide_password(text, SECRET_URL) == (
         "could not connect with password *** to postgresql://team:***@db.internal:5432/optuna"

@@ -8,7 +8,7 @@ import sys
 
 from hypothesis import given, strategies as st
 
-from pipeline.errors import chain, escaped, first_line
+from pipeline.errors import chain, escaped, first_line, unanswered
 
 
 def decoded(text: str) -> str:
@@ -73,3 +73,20 @@ def test_first_line_skips_sqlalchemys_preamble_and_hides_passwords() -> None:
     assert first_line(RuntimeError(autoflush)) == "(sqlite3.OperationalError) disk full"
     assert first_line(RuntimeError("")) == "RuntimeError"
     assert "s3cret" not in first_line(RuntimeError("failed: http://alice:s3cret@host:5000/api"))
+
+
+def test_why_an_http_request_got_no_answer_is_said_in_words() -> None:
+    import requests
+    from https_server import closed_port
+
+    def reason(url: str) -> str:
+        try:
+            requests.get(url, timeout=5)
+        except requests.RequestException as error:
+            return unanswered(error)
+        raise AssertionError(f"{url} answered")
+
+    with closed_port() as port:
+        assert reason(f"http://127.0.0.1:{port}/") == "connection refused"
+    assert reason("http://no-such-host.invalid/") == "unknown host name"
+    assert unanswered(ValueError("first line\nsecond")) == "first line"

@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from pipeline import database, quiet
 from pipeline.config import project_root
-from pipeline.errors import StoreUnavailableError, TrackingError, chain, first_line
+from pipeline.errors import StoreUnavailableError, TrackingError, chain, first_line, unanswered
 from pipeline.secrets import redacted
 from pipeline.tracking import sqlite
 
@@ -41,12 +41,6 @@ _PROBE_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
 # Every MLflow tracking server answers this with a JSON object; `/health` would not do: any web server
 # may answer 200 there.
 PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
-_NO_ANSWER = (  # (text in the error of `requests`, what the message says)
-    ("Connection refused", "connection refused"),
-    ("timed out", "timed out"),
-    ("Failed to resolve", "unknown host name"),
-    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted"),
-)
 _SQLITE_TIMEOUT = 60
 # How MLflow behaves for the pipeline, set before MLflow is first imported (`mlflow_module`): fail fast
 # against a server that is down instead of minutes of retries, no download bars, no INFO chatter, and
@@ -114,7 +108,7 @@ def unavailable(error: BaseException) -> str | None:
         if match := _RETRIES_RAN_OUT.search(str(current)):
             return f"the server answered {match[0]}"
         if isinstance(current, (requests.ConnectionError, requests.Timeout)):
-            return _unanswered(current)
+            return unanswered(current)
     return None
 
 
@@ -241,16 +235,6 @@ def _check_where(uri: str) -> None:
             )
 
 
-def _unanswered(error: Exception) -> str:
-    """Why no HTTP answer came: "connection refused", "timed out", ... from the `requests` error MLflow wraps."""
-    cause = error.__cause__ or error.__context__ or error
-    text = redacted(str(cause))
-    for marker, reason in _NO_ANSWER:
-        if marker in text:
-            return reason
-    return type(cause).__name__ if isinstance(cause, requests.RequestException) else text.splitlines()[0][:200]
-
-
 def _probe_server(uri: str) -> None:
     """One GET of `PROBE`, no retries; a TrackingError saying what answered, if anything, unless MLflow did."""
     mlflow_module()
@@ -264,7 +248,7 @@ def _probe_server(uri: str) -> None:
         )
     except MlflowException as error:  # MLflow wraps the connection error or timeout of `requests`
         raise TrackingError(
-            f"the MLflow tracking server at {redacted(uri)} is unreachable ({_unanswered(error)}); "
+            f"the MLflow tracking server at {redacted(uri)} is unreachable ({unanswered(error)}); "
             "start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from None
     try:

@@ -113,8 +113,7 @@ def main(argv: Sequence[str]) -> None:
     tags = {key: value for key, value in origin.items() if key != "params_md5"}  # a trial is not params.yaml
     tags["optuna.storage"] = tracking.redacted(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags, args.heartbeat)
-    study_id = shared.storage.get_study_id_from_name(args.study)
-    present = workers.Workers(shared.storage, study_id, shared.parent_run_id)
+    present = workers.Workers(shared.storage, shared.study_id(), shared.parent_run_id)
     with tracking.store_errors("joining the study's parent run", STORE_FIX):
         present.join()  # the parent run is RUNNING from here until the last worker leaves
     objective = make_objective(shared, base, space, tags)

@@ -74,9 +74,7 @@ def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
     if not refused:
         return False
     try:
-        study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
-        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-        return bool(shared.storage.get_trial(trial_id).state == TrialState.FAIL)
+        return bool(shared.storage.get_trial(shared.trial_id(number)).state == TrialState.FAIL)
     except Exception:
         return False
 
@@ -89,8 +87,7 @@ def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
 
     storage = shared.storage
     reason = f"{outage}; the trial was interrupted"
-    study_id = storage.get_study_id_from_name(shared.study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    trial_id = shared.trial_id(number)
     state = storage.get_trial(trial_id).state
     if state == TrialState.RUNNING:
         with contextlib.suppress(UpdateFinishedTrialError):
@@ -110,9 +107,8 @@ def beat_running_trials(shared: Study) -> None:
     stale after the grace period, so a worker's heartbeat check fails it; a live trial beats on anyway."""
     from optuna.trial import TrialState
 
-    study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
     for trial in shared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        shared.storage.record_heartbeat(shared.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+        shared.storage.record_heartbeat(shared.trial_id(trial.number))
 
 
 def optimize(
@@ -159,7 +155,7 @@ def optimize(
         )
         deadline = time.monotonic() + wait
         if not (
-            poll(lambda: shared.storage.get_study_id_from_name(shared.study.study_name) >= 0, wait, POLL_SECONDS)
+            poll(lambda: shared.study_id() >= 0, wait, POLL_SECONDS)
             and poll(_mlflow_answers, max(deadline - time.monotonic(), 0.0), POLL_SECONDS)
         ):
             raise TrackingError(

@@ -82,6 +82,13 @@ class Study:
     experiment_id: str
     runs: dict[int, str] = field(default_factory=dict)
 
+    def study_id(self) -> int:
+        return self.storage.get_study_id_from_name(self.study.study_name)
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of trial `number` (Optuna's storage speaks ids, its study trial numbers)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id(), number)
+
 
 def _create_parent(
     study: optuna.Study, experiment_id: str, space: SearchSpace, base: Params, tags: dict[str, str]
@@ -198,9 +205,7 @@ def mark_failed(shared: Study, trial: optuna.Trial) -> None:
     from optuna.trial import TrialState
 
     with contextlib.suppress(Exception):
-        study_id = shared.storage.get_study_id_from_name(shared.study.study_name)
-        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        shared.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        shared.storage.set_trial_state_values(shared.trial_id(trial.number), TrialState.FAIL)
 
 
 def close_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
