@@ -75,16 +75,14 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     while True:
         page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
         for found in page:
-            tags = found.data.tags
-            pid = tags.get(PID_TAG, "")
-            if not pid.isdigit() or not processes.gone(int(pid), tags.get(PID_START_TAG)):
+            if not process_ended(found.data.tags):
                 continue
             client.set_terminated(found.info.run_id, "KILLED")
             ended.append(found.info.run_id)
             log.info(
                 "MLflow run %s was left RUNNING by process %s on %s, which no longer exists; marked KILLED",
                 found.info.run_id,
-                pid,
+                found.data.tags[PID_TAG],
                 host,
             )
         page_token = page.token
