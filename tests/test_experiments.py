@@ -9,6 +9,7 @@ and search workers write the local stores at the same time without "database is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import psutil
 import pytest
 from mlflow import MlflowClient
 from workspace import QUICK, reproduced, sh, venv_env
@@ -117,21 +119,44 @@ def test_exp_show_at_120_columns_shows_the_change_and_its_accuracy(repo: Path) -
     assert run.info.run_name == "lr-002 train.learning_rate=0.02"
 
 
+def start_queue(repo: Path) -> None:
+    """`dvc queue start -j 2`, its output to a file: the workers it leaves in the background inherit that
+    output, and a pipe would keep the command's call open for as long as one of them lives."""
+    output = repo.parent / "queue-start.log"
+    with output.open("w") as log:
+        command = ["dvc", "queue", "start", "-j", "2"]
+        done = subprocess.run(command, cwd=repo, env=ENV, stdout=log, stderr=log, timeout=120, check=False)
+    assert done.returncode == 0, output.read_text()
+
+
 def wait_for_queue(repo: Path, timeout: float = 600) -> str:
+    """The queue's status once nothing is queued or running, its workers ended. A worker that sent its
+    shutdown while another task ran can idle for good, deaf to `dvc queue stop` (a race of DVC's task
+    queue): it gets SIGTERM, celery's warm shutdown, as a user would end it (docs/troubleshooting.md)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = sh("dvc", "queue", "status", cwd=repo, env=ENV).stdout
         if "Running" not in status and "Queued" not in status:
-            return status
+            break
         time.sleep(2)
-    raise AssertionError(f"the DVC queue did not finish in {timeout} s:\n{status}")
+    else:
+        raise AssertionError(f"the DVC queue did not finish in {timeout} s:\n{status}")
+    for record in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.json"):
+        with contextlib.suppress(psutil.Error):
+            worker = psutil.Process(json.loads(record.read_text())["pid"])
+            if "queue-worker" in " ".join(worker.cmdline()):
+                with contextlib.suppress(psutil.TimeoutExpired):
+                    worker.wait(30)  # an idle worker shuts itself down within seconds
+                worker.terminate()
+                worker.wait(60)
+    return status
 
 
 def test_temp_and_queued_experiments_share_the_one_store(repo: Path) -> None:
     sh("dvc", "exp", "run", "--temp", "-S", "train.seed=1", "-n", "seed-1", cwd=repo, env=ENV)
     for rate in ("0.02", "0.03"):
         sh("dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}", "-n", f"lr-{rate}", cwd=repo, env=ENV)
-    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=ENV)
+    start_queue(repo)
     status = wait_for_queue(repo)
     assert status.count("Success") == 2, status  # two concurrent writers, no "database is locked"
 
@@ -176,7 +201,7 @@ def test_queued_experiments_and_search_workers_share_the_local_stores(tmp_path: 
     quick = ["--set", "train.epochs=2", "--set", "model.hidden_units=[64,32]"]
     search = [sys.executable, "-m", "pipeline.tune", "--study", "busy", "--trials", "2", *quick]
     popen = {"cwd": repo, "env": ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=ENV)
+    start_queue(repo)
     workers = [subprocess.Popen(search, **popen) for _ in range(2)]  # type: ignore[call-overload]
     outputs = [worker.communicate(timeout=1800) for worker in workers]
     status = wait_for_queue(repo, timeout=1800)
