@@ -124,7 +124,7 @@ def progress(total: int, desc: str, unit: str) -> Iterator[Callable[[str, str, b
 
     with tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr) as bar:
 
-        def step(line: str, postfix: str, loud: bool = False) -> None:
+        def step(line: str, postfix: str, loud: bool) -> None:
             if bar.disable:
                 logging.getLogger("pipeline").info("%s", line)
                 return

@@ -453,9 +453,10 @@ def test_cli_hostile_names_give_one_parseable_record_or_error_line_each(
 
 def opens(pid: int, path: Path) -> bool:
     """Whether process `pid` holds `path` open (a descriptor may close while we look)."""
+    target = path.resolve()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(FileNotFoundError):
-            if fd.readlink() == path.resolve():
+            if fd.readlink() == target:
                 return True
     return False
 

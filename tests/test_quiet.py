@@ -103,7 +103,6 @@ def test_a_real_feature_mismatch_stays_loud() -> None:
     assert through_filter([aot_mismatch("+amx-tile")]) == [aot_mismatch("+amx-tile")]
 
 
-
 def test_progress_is_one_quiet_line_per_step_in_logs_and_a_bar_on_a_terminal() -> None:
     code = (
         "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"

@@ -4,7 +4,6 @@ its MLflow parent run, and the best trial with the `dvc exp run` command that re
 from __future__ import annotations
 
 import contextlib
-import logging
 import shlex
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -17,8 +16,6 @@ from pipeline.tune.study import Study
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
-
-log = logging.getLogger("pipeline.tune")
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

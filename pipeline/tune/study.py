@@ -83,6 +83,7 @@ class Study:
     runs: dict[int, str] = field(default_factory=dict)
 
     def study_id(self) -> int:
+        """The study's id in the storage."""
         return self.storage.get_study_id_from_name(self.study.study_name)
 
     def trial_id(self, number: int) -> int:
