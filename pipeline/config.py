@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,7 +46,6 @@ MNIST_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 MNIST_TRAIN_SIZE = 60_000
-MNIST_TEST_SIZE = 10_000
 # The data's shape, stated once: 28x28 grey images, stored and served as rows of 784 pixels; the
 # classes are the digits 0-9, each the index of its logit.
 SIDE = 28
@@ -81,10 +80,6 @@ STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "evaluate": (REPORT_FILE, CONFUSION_FILE, CONFUSION_PNG, MISTAKES_PNG, TEST_METRICS),
 }
 
-ACTIVATIONS = ("elu", "relu", "selu", "gelu", "tanh", "sigmoid", "swish")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "cosine")
-
 
 class _Section(BaseModel):
     # strict: "0.01" (a string) or true (a bool) is not silently turned into a number;
@@ -107,6 +102,11 @@ class DownloadParams(_Section):
                 raise ValueError(f"source {source!r} must be an https:// URL or a local folder")
         return sources
 
+    @property
+    def max_bytes(self) -> int:
+        """`max_megabytes` in bytes: the cap on a download, compressed or not."""
+        return int(self.max_megabytes * 1_000_000)
+
 
 class DataParams(_Section):
     """How the 60,000 training images are split."""
@@ -118,7 +118,7 @@ class ModelParams(_Section):
     """The network: dense layers without activation, each followed by batch norm and the activation."""
 
     hidden_units: Annotated[list[Annotated[int, Field(gt=0, le=100_000)]], Field(min_length=1)]
-    activation: Literal[ACTIVATIONS]  # type: ignore[valid-type]
+    activation: Literal["elu", "relu", "selu", "gelu", "tanh", "sigmoid", "swish"]
     batch_norm_momentum: Annotated[float, Field(ge=0, lt=1)]
     batch_norm_logits: bool
     dropout: Annotated[float, Field(ge=0, lt=1)]
@@ -127,12 +127,12 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     """The optimisation: plain SGD on mini-batches of a fresh permutation every epoch by default."""
 
-    optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
     learning_rate: Annotated[float, Field(gt=0, le=100)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
     nesterov: bool
     weight_decay: Annotated[float, Field(ge=0, le=1)]
-    schedule: Literal[SCHEDULES]  # type: ignore[valid-type]
+    schedule: Literal["constant", "cosine"]
     warmup_epochs: Annotated[int, Field(ge=0)]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     shift_pixels: Annotated[int, Field(ge=0, le=8)]
@@ -198,24 +198,15 @@ def flatten(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at the place `loc` points into (for 'did you mean' suggestions)."""
-    model: type[BaseModel] = Params
-    for part in loc:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
 def _describe(error: ErrorDetails, file: Path) -> str:
     """One sentence for one pydantic error: file, key, bad value, what is allowed."""
     loc = tuple(error["loc"])
     # repr() escapes newlines and control characters, so a key like "a\nb" cannot split the one-line message
     key = ".".join(repr(str(part))[1:-1] for part in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        known = _known_keys(loc[:-1])
+        # params.yaml is sections of keys: the unknown key is a section's (loc of two parts) or a section
+        parent = cast(type[BaseModel], Params.model_fields[str(loc[0])].annotation) if len(loc) > 1 else Params
+        known = list(parent.model_fields)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(known)}."
         return f"{file}: unknown key '{key}'; {hint}"

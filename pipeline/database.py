@@ -4,12 +4,13 @@ options that outlive a restart of the database server, and which errors mean tha
 
 SQLAlchemy opens both; for `postgresql://` its default driver is psycopg 3, which the `team` extra
 installs. A URL's password never reaches a message, a log line or a run's tags: every text shown is
-passed through `hide_password`.
+passed through `secrets.redacted`, with the URL, which hides its password also where a driver quotes it
+bare.
 """
 
 from __future__ import annotations
 
-import re
+import sys
 from typing import Any
 
 from pipeline.errors import TrackingError, chain, first_line
@@ -17,26 +18,13 @@ from pipeline.secrets import redacted
 
 TEAM_EXTRA = 'pip install -c requirements.lock -e ".[team]"'
 CONNECT_SECONDS = 10
-# scheme://user:password@host: where a URL's password is, to hide it where a message quotes it bare
-_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s]+)@")
 
 
-def hide_password(text: str, url: str) -> str:
-    """`text` (a driver's error message, say) without secrets, and without the URL's password wherever it
-    appears on its own."""
-    text = redacted(text)
-    if match := _CREDENTIALS.search(url):
-        from urllib.parse import unquote
-
-        for secret in {match["password"], unquote(match["password"])}:
-            text = text.replace(secret, "***")
-    return text
-
-
-def check_driver(url: str, setting: str) -> None:
-    """Fail with one sentence, before anything connects, when the database driver of a SQLAlchemy URL
-    is not installed (`setting` names where the URL came from: OPTUNA_STORAGE, --storage, ...). URLs
-    that are not SQLAlchemy's (http://, file:, a bad URL) are left to their own checks."""
+def check_driver(url: str, setting: str) -> bool:
+    """Whether `url` names a database that SQLAlchemy opens (postgresql://, mysql://, sqlite:///...), having
+    failed with one sentence, before anything connects, if its driver is not installed (`setting` names
+    where the URL came from: OPTUNA_STORAGE, --storage, ...). URLs that are not SQLAlchemy's (http://,
+    file:, a bad URL) are left to their own checks: False."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -44,7 +32,7 @@ def check_driver(url: str, setting: str) -> None:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError):
-        return
+        return False
     try:
         dialect.import_dbapi()
     except ImportError as error:
@@ -55,21 +43,8 @@ def check_driver(url: str, setting: str) -> None:
             fix = f"install the Python package of the {module} driver"
         raise TrackingError(
             f"{setting} {redacted(url)} needs the {parsed.get_backend_name()} driver {module}, which cannot be "
-            f"imported ({hide_password(str(error), url)}); {fix}."
+            f"imported ({redacted(str(error), url)}); {fix}."
         ) from None
-
-
-def is_database(url: str) -> bool:
-    """Whether the URL names a database server that SQLAlchemy opens (postgresql://, mysql://, ...)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    if url.startswith(("sqlite", "http://", "https://", "file:")):
-        return False
-    try:
-        make_url(url).get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError):
-        return False
     return True
 
 
@@ -98,7 +73,7 @@ def unusable(url: str) -> str | None:
         with engine.connect():
             return None
     except SQLAlchemyError as error:
-        return hide_password(first_line(error.orig if isinstance(error, DBAPIError) and error.orig else error), url)
+        return redacted(first_line(error.orig if isinstance(error, DBAPIError) and error.orig else error), url)
     finally:
         engine.dispose()
 
@@ -128,11 +103,8 @@ def _server_gone(error: BaseException) -> bool:
     """A psycopg error with no answer from the server (refused, closed, reset), one of the SQLSTATEs of
     a server going away, or a refused connection "the database system is starting up" (shutting down,
     in recovery); not a refusal for a reason that waiting does not change (a wrong password)."""
-    try:
-        import psycopg
-    except ImportError:
-        return False
-    if not isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+    psycopg = sys.modules.get("psycopg")  # an error of psycopg's comes from where it is imported
+    if psycopg is None or not isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
         return False
     if error.sqlstate:
         return error.sqlstate.startswith(_GONE_CLASSES)

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import logging
 import zlib
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -29,71 +28,52 @@ log = logging.getLogger("pipeline.download")
 _CHUNK = 1 << 16
 
 
-class SourceDownError(Exception):
-    """The source cannot be reached at all: skip it for the remaining files."""
-
-
 class BadFileError(Exception):
     """The source answered, but not with the right file: try the next source for this file."""
 
 
-@dataclass
-class Fetcher:
-    """Fetches `.gz` files from the configured sources, remembering which sources are down."""
+def fetch(source: str, name: str, params: DownloadParams) -> bytes:
+    """The compressed bytes of `name` from one source (an HTTPS base URL or a local folder). A source that
+    answers wrongly raises `BadFileError`; one that cannot be reached, `requests.ConnectionError` or
+    `requests.Timeout`; any other failure of a request, `requests.RequestException`."""
+    if source.startswith("https://"):
+        return _fetch_https(source.rstrip("/") + f"/{name}.gz", params)
+    path = Path(source) / f"{name}.gz"
+    try:
+        if path.stat().st_size > params.max_bytes:
+            raise BadFileError(f"{path} is larger than download.max_megabytes")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BadFileError(f"{path} does not exist") from None
+    except OSError as error:
+        raise BadFileError(f"{path} cannot be read ({error.strerror})") from None
 
-    params: DownloadParams
-    down: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def max_bytes(self) -> int:
-        return int(self.params.max_megabytes * 1_000_000)
-
-    def fetch(self, source: str, name: str) -> bytes:
-        """The compressed bytes of `name` from one source (an HTTPS base URL or a local folder)."""
-        if source.startswith("https://"):
-            return self._fetch_https(source.rstrip("/") + f"/{name}.gz")
-        path = Path(source) / f"{name}.gz"
-        try:
-            if path.stat().st_size > self.max_bytes:
-                raise BadFileError(f"{path} is larger than download.max_megabytes")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise BadFileError(f"{path} does not exist") from None
-        except OSError as error:
-            raise BadFileError(f"{path} cannot be read ({error.strerror})") from None
-
-    def _fetch_https(self, url: str) -> bytes:
-        timeout = self.params.timeout_seconds
-        try:
-            with requests.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=True) as response:
-                if not response.url.startswith("https://"):
-                    raise BadFileError(f"redirected to a non-HTTPS address {response.url}")
-                if response.status_code != 200:
-                    raise BadFileError(f"HTTP {response.status_code}")
-                declared = int(response.headers.get("Content-Length") or 0)
-                if declared > self.max_bytes:
-                    raise BadFileError(f"{declared} bytes is over download.max_megabytes")
-                chunks: list[bytes] = []
-                received = 0
-                with tqdm(
-                    total=declared or None,
-                    unit="B",
-                    unit_scale=True,
-                    desc=url.rsplit("/", 1)[-1],
-                    disable=None,
-                    leave=False,
-                ) as bar:
-                    for chunk in response.iter_content(_CHUNK):
-                        received += len(chunk)
-                        if received > self.max_bytes:
-                            raise BadFileError("the download exceeds download.max_megabytes")
-                        chunks.append(chunk)
-                        bar.update(len(chunk))
-                return b"".join(chunks)
-        except (requests.ConnectionError, requests.Timeout) as error:
-            raise SourceDownError(unanswered(error)) from None
-        except requests.RequestException as error:
-            raise BadFileError(unanswered(error)) from None
+def _fetch_https(url: str, params: DownloadParams) -> bytes:
+    timeout = params.timeout_seconds
+    with requests.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=True) as response:
+        if not response.url.startswith("https://"):
+            raise BadFileError(f"redirected to a non-HTTPS address {response.url}")
+        if response.status_code != 200:
+            raise BadFileError(f"HTTP {response.status_code}")
+        declared = int(response.headers.get("Content-Length") or 0)
+        if declared > params.max_bytes:
+            raise BadFileError(f"{declared} bytes is over download.max_megabytes")
+        content = bytearray()
+        with tqdm(
+            total=declared or None,
+            unit="B",
+            unit_scale=True,
+            desc=url.rsplit("/", 1)[-1],
+            disable=None,
+            leave=False,
+        ) as bar:
+            for chunk in response.iter_content(_CHUNK):
+                content += chunk
+                if len(content) > params.max_bytes:
+                    raise BadFileError("the download exceeds download.max_megabytes")
+                bar.update(len(chunk))
+        return bytes(content)
 
 
 def read_checksums(path: Path = CHECKSUMS_FILE) -> dict[str, str]:
@@ -137,35 +117,33 @@ def download_all(
 ) -> dict[str, str]:
     """Write every MNIST file to `out_dir`; return which source served each one."""
     sums = checksums or read_checksums()
-    fetcher = Fetcher(params)
+    down: dict[str, str] = {}  # source -> why it could not be reached: skipped for the remaining files
     served: dict[str, str] = {}
     with io.staged_outputs() as out:
         for name in MNIST_FILES:
-            served[name] = _download_one(fetcher, name, sums[name], out_dir, out)
+            served[name], content = _first_good(name, sums[name], params, down)
+            out.write_bytes(out_dir / name, content)
+            log.info("%s: served by %s (%d bytes, sha256 verified)", name, served[name], len(content))
     return served
 
 
-def _download_one(fetcher: Fetcher, name: str, sha256: str, out_dir: Path, out: io.StagedOutputs) -> str:
-    """Stage one verified file from the first source that has it; return that source."""
+def _first_good(name: str, sha256: str, params: DownloadParams, down: dict[str, str]) -> tuple[str, bytes]:
+    """The first source in `params.sources` that has the verified file, and the file's content."""
     failures: list[str] = []
-    for source in fetcher.params.sources:
-        if source in fetcher.down:
-            failures.append(f"{source}: skipped, {fetcher.down[source]} earlier")
+    for source in params.sources:
+        if source in down:
+            failures.append(f"{source}: skipped, {down[source]} earlier")
             continue
         try:
-            content = decompress_and_verify(fetcher.fetch(source, name), sha256, fetcher.max_bytes)
-        except SourceDownError as error:
-            fetcher.down[source] = str(error)
-            failures.append(f"{source}: {error}")
-            log.info("%s: %s is unreachable (%s); trying the next source", name, source, error)
-            continue
-        except BadFileError as error:
-            failures.append(f"{source}: {error}")
-            log.info("%s: %s failed (%s); trying the next source", name, source, error)
-            continue
-        out.write_bytes(out_dir / name, content)
-        log.info("%s: served by %s (%d bytes, sha256 verified)", name, source, len(content))
-        return source
+            return source, decompress_and_verify(fetch(source, name, params), sha256, params.max_bytes)
+        except (requests.ConnectionError, requests.Timeout) as error:  # skipped for the remaining files
+            down[source] = unanswered(error)
+            failures.append(f"{source}: {down[source]}")
+            log.info("%s: %s is unreachable (%s); trying the next source", name, source, down[source])
+        except (BadFileError, requests.RequestException) as error:  # may still have the next file
+            reason = unanswered(error) if isinstance(error, requests.RequestException) else str(error)
+            failures.append(f"{source}: {reason}")
+            log.info("%s: %s failed (%s); trying the next source", name, source, reason)
     raise DataError(
         f"no source could provide {name}: "
         + "; ".join(failures)

@@ -60,26 +60,14 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _escape(char: str) -> str:
-    """One character as Python writes it in a string literal: `\\t`, `\\x1b`, `\\u2028`, `\\U0001f600`."""
-    if named := _NAMED.get(char):
-        return named
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
 def escaped(text: str, backslash: bool = True) -> str:
     r"""`text` with Python's string-literal escape for every character that is not printable (a tab `\t`,
     a newline `\n`, other controls `\x1b`, a byte of a file name that is not UTF-8 `\udcff`) and, with
     `backslash`, for the backslash itself (`\\`), so that any file name is one field of one line and
-    decodes back to itself; printable characters (spaces, accents, any script) stay as they are."""
-    if text.isprintable() and not (backslash and "\\" in text):
-        return text
+    decodes back to itself; printable characters (spaces, accents, any script) stay as they are. Each
+    escape is the one `repr` writes for that character alone."""
     return "".join(
-        "\\\\" if char == "\\" and backslash else char if char.isprintable() else _escape(char) for char in text
+        char if char.isprintable() and not (backslash and char == "\\") else repr(char)[1:-1] for char in text
     )
 
 
@@ -130,10 +118,7 @@ def report(error: PipelineError) -> None:
     print(f"error: {escaped(redacted(str(error)), backslash=False)}", file=sys.stderr, flush=True)
 
 
-STAGE_INTERRUPTED = "outputs written before were left as they were"
-
-
-def run_stage(main: Callable[[], None], interrupted: str = STAGE_INTERRUPTED) -> None:
+def run_stage(main: Callable[[], None], interrupted: str = "outputs written before were left as they were") -> None:
     """Run a stage's (or a command's) `main`, turning expected failures into one line on stderr and an
     exit code; `interrupted` says what Ctrl-C or SIGTERM left behind."""
     redact_logging()

@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,46 +40,26 @@ def _temporary_beside(target: Path) -> Path:
     return Path(tmp)
 
 
-def _owner_of_temporary(target: Path, name: str) -> str | None:
-    """The owner token in `name` if it is one of `_temporary_beside(target)`'s names, else None."""
-    head, tail = f".{target.name}.", ".tmp" + target.suffix
-    if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
-        return None
-    owner, dot, random = name[len(head) : -len(tail)].rpartition(".")
-    return owner if dot and random and _MKSTEMP_NAME.fullmatch(random) else None
-
-
-_MKSTEMP_NAME = re.compile(r"[a-z0-9_]+")  # the characters `tempfile.mkstemp` draws its names from
-
-
 def remove_leftovers(target: Path) -> list[Path]:
     """Remove the temporary files beside `target` that a process killed outright (kill -9, power loss)
-    left behind: only names `_temporary_beside` makes, and only those whose process has ended, so a
-    user's files and another running stage's staged outputs stay. Returns what it removed."""
+    left behind: only names `_temporary_beside` makes (`[a-z0-9_]` is what `tempfile.mkstemp` draws its
+    random part from), and only those whose process has ended, so a user's files and another running
+    stage's staged outputs stay. Returns what it removed."""
+    staged = re.compile(rf"\.{re.escape(target.name)}\.(.+)\.[a-z0-9_]+\.tmp{re.escape(target.suffix)}")
     try:
         entries = list(target.parent.iterdir())
     except OSError:  # no folder yet, or unreadable: nothing of ours there
         return []
     removed = []
     for leftover in entries:
-        owner = _owner_of_temporary(target, leftover.name)
-        if owner is not None and processes.owner_gone(owner):
+        if (match := staged.fullmatch(leftover.name)) and processes.owner_gone(match[1]):
             try:
                 leftover.unlink()
             except OSError:  # gone already (a concurrent sweep), or not ours to delete: leave it
                 continue
             removed.append(leftover)
-            log.info("removed %s, left by process %s that no longer exists", leftover, owner.partition("-")[0])
+            log.info("removed %s, left by process %s that no longer exists", leftover, match[1].partition("-")[0])
     return removed
-
-
-def _no_space(target: Path, size: int | None) -> ResourceError:
-    free = shutil.disk_usage(target.parent).free
-    needs = f"it needs about {size / 1e6:.1f} MB, " if size else ""
-    return ResourceError(
-        f"no space left on the device to write {target} ({needs}{free / 1e6:.1f} MB free there); "
-        "free some space and run the stage again. The previous outputs were left as they were."
-    )
 
 
 class Split(NamedTuple):
@@ -93,7 +73,7 @@ class StagedOutputs:
     """A stage's outputs, written to temporary files and renamed onto their targets together."""
 
     def __init__(self) -> None:
-        self._pending: dict[Path, Path] = {}
+        self.pending: dict[Path, Path] = {}  # target -> its temporary file
 
     def write(self, target: Path, writer: Callable[[Path], object], size: int | None = None) -> None:
         """Let `writer` fill a temporary file that will replace `target` on commit (and first remove what
@@ -101,13 +81,18 @@ class StagedOutputs:
         remove_leftovers(target)
         try:
             tmp = _temporary_beside(target)
-            self._pending[target] = tmp
+            self.pending[target] = tmp
             writer(tmp)
         except OSError as error:
             self.discard()  # give back what the partial files took before measuring what is free
             # h5py (inside Keras' model.save) reports a full disk without an errno, in the text only
             if error.errno == errno.ENOSPC or "No space left" in str(error):
-                raise _no_space(target, size) from None
+                free = shutil.disk_usage(target.parent).free
+                needs = f"it needs about {size / 1e6:.1f} MB, " if size else ""
+                raise ResourceError(
+                    f"no space left on the device to write {target} ({needs}{free / 1e6:.1f} MB free there); "
+                    "free some space and run the stage again. The previous outputs were left as they were."
+                ) from None
             raise DataError(
                 f"cannot write {target} ({error.strerror or error}); check that its folder is writable."
             ) from None
@@ -131,16 +116,10 @@ class StagedOutputs:
 
         self.write(target, writer, split.x.nbytes + split.y.nbytes)
 
-    def commit(self) -> None:
-        for target, tmp in self._pending.items():
-            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-            tmp.replace(target)
-        self._pending.clear()
-
     def discard(self) -> None:
-        for tmp in self._pending.values():
+        for tmp in self.pending.values():
             tmp.unlink(missing_ok=True)
-        self._pending.clear()
+        self.pending.clear()
 
 
 @contextmanager
@@ -149,8 +128,10 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     staged = StagedOutputs()
     try:
         yield staged
-        staged.commit()
-    finally:
+        for target, tmp in staged.pending.items():
+            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+            tmp.replace(target)
+    finally:  # what is still staged (all of it after a failure; nothing once renamed) is removed
         staged.discard()
 
 
@@ -167,45 +148,37 @@ def _explained(source: Path, produced_by: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise DataError(f"{source} is missing; run `dvc repro {produced_by}` to create it.") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"{source} is corrupt ({error}); run `dvc repro -f {produced_by}` to rebuild it.") from None
 
 
 def load_split(source: Path) -> Split:
-    """A split written by the `prepare` stage, each array aligned so TensorFlow can use it without a copy."""
-    arrays = load_arrays(source, "prepare")
-    return Split(arrays["x"], arrays["y"])
+    """A split written by the `prepare` stage (`StagedOutputs.save_split`), read without pickle, each array
+    aligned so TensorFlow can use it without a copy; a missing or corrupt file is explained."""
+    with _explained(source, "prepare"), zipfile.ZipFile(source) as archive:
+        return Split(_read_npy_aligned(archive, "x.npy"), _read_npy_aligned(archive, "y.npy"))
 
 
 ALIGNMENT = 64  # what TensorFlow needs to use an array's memory without copying it
 
 
-def _read_npy_aligned(handle: IO[bytes]) -> np.ndarray:
+def _read_npy_aligned(archive: zipfile.ZipFile, member: str) -> np.ndarray:
     """One .npy member read straight into a 64-byte aligned buffer, 1 MiB at a time (no whole-array temporary)."""
-    version = np.lib.format.read_magic(handle)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(handle)
-    if dtype.hasobject:
-        raise ValueError("object arrays need pickle, which is not allowed")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
-    target = raw[start : start + nbytes].data
-    done = 0
-    while done < nbytes:
-        chunk = handle.read(min(1 << 20, nbytes - done))
-        if not chunk:
-            raise EOFError("truncated array")
-        target[done : done + len(chunk)] = chunk
-        done += len(chunk)
-    return raw[start : start + nbytes].view(dtype).reshape(shape, order="F" if fortran else "C")
-
-
-def load_arrays(source: Path, produced_by: str) -> dict[str, np.ndarray]:
-    """Load an .npz written by `StagedOutputs.save_split`: no pickle; a missing or corrupt file is explained."""
-    with _explained(source, produced_by), zipfile.ZipFile(source) as archive:
-        arrays = {}
-        for member in archive.namelist():
-            with archive.open(member) as handle:
-                arrays[member.removesuffix(".npy")] = _read_npy_aligned(handle)
-        return arrays
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        if dtype.hasobject:
+            raise ValueError("object arrays need pickle, which is not allowed")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        target = raw[start : start + nbytes].data
+        done = 0
+        while done < nbytes:
+            chunk = handle.read(min(1 << 20, nbytes - done))
+            if not chunk:
+                raise EOFError("truncated array")
+            target[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        return raw[start : start + nbytes].view(dtype).reshape(shape, order="F" if fortran else "C")

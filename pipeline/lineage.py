@@ -23,18 +23,10 @@ PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "runs")
 RUN_NAME_LENGTH = 250  # MLflow's column for a run's name (PostgreSQL enforces it)
 
 
-def dvc_experiment() -> str | None:
-    """The name of the DVC experiment being run (`dvc exp run` sets it), else None."""
-    return os.environ.get("DVC_EXP_NAME")
-
-
 def file_md5(path: Path) -> str:
     """The MD5 that DVC records for a file in dvc.lock, so a run can be matched to its data."""
-    digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _git(*args: str) -> str | None:
@@ -58,7 +50,7 @@ def lineage_tags(params_file: Path, data_files: dict[str, Path]) -> dict[str, st
         # Dirty = a tracked input differs from the commit; the pipeline's own outputs (dvc.lock, the
         # metrics and plots it rewrites) are not inputs and would otherwise make every run dirty.
         tags["git_dirty"] = str(_changed()).lower()
-    if exp_name := dvc_experiment():
+    if exp_name := os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` names the experiment it runs
         tags["dvc_experiment"] = exp_name
     return tags
 
@@ -69,20 +61,16 @@ def _changed(*excluded: str) -> bool:
     return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *paths))
 
 
-def _committed_params(params_file: Path) -> dict[str, Any] | None:
-    """params.yaml as committed, as `section.key -> value`; None where git does not have it."""
-    text = _git("show", f"HEAD:./{params_file.as_posix()}")
-    try:
-        document = yaml.safe_load(text) if text is not None else None
-    except yaml.YAMLError:
-        return None
-    return flatten(document) if isinstance(document, dict) else None
-
-
 def changed_params(flat: dict[str, Any], params_file: Path) -> list[str]:
-    """Each value of params.yaml (`flat`) that differs from the committed one, as `key=value`."""
-    if (committed := _committed_params(params_file)) is None:
+    """Each value of params.yaml (`flat`) that differs from the committed one, as `key=value`; none where
+    git does not have params.yaml (or what it has is not a params document)."""
+    try:
+        document = yaml.safe_load(_git("show", f"HEAD:./{params_file.as_posix()}") or "")
+    except yaml.YAMLError:
         return []
+    if not isinstance(document, dict):
+        return []
+    committed = flatten(document)
     missing = object()  # a key the committed file lacks differs whatever its value
     return [
         f"{key}={value if isinstance(value, str) else json.dumps(value)}"
@@ -96,7 +84,7 @@ def run_name(flat: dict[str, Any], params_file: Path) -> str:
     short git commit, `-dirty` if a tracked file other than params.yaml and the pipeline's outputs
     differs from it; then each value of params.yaml (`flat`) that differs from the committed one (the
     experiment's baseline): `1a2b3c4 train.learning_rate=0.05 train.epochs=50`, `lr-005 train.learning_rate=0.05`."""
-    if not (head := dvc_experiment()):
+    if not (head := os.environ.get("DVC_EXP_NAME")):
         commit = _git("rev-parse", "--short", "HEAD")
         if not commit:
             return "uncommitted"  # no git repository here, or no commit yet

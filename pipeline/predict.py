@@ -13,11 +13,10 @@ file that cannot be used gets one `error:` line on stderr, the others are still 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import selectors
+import select
 import stat
 import sys
 import warnings
@@ -88,21 +87,6 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return canvas.reshape(-1)
 
 
-@contextmanager
-def _header_only() -> Iterator[None]:
-    """Pillow's bomb check, off while `Image.open` reads a header, so that `open_image` sees every size.
-
-    `Image.open` itself warns (on stderr) above `Image.MAX_IMAGE_PIXELS` and raises above twice that, before
-    the caller could read the size and say what is wrong; `open_image` applies the stricter `MAX_PIXELS`.
-    """
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
 def shown(path: Path) -> str:
     """A file name as the output and the messages write it: one field of one line (`errors.escaped`)."""
     return escaped(str(path))
@@ -111,31 +95,28 @@ def shown(path: Path) -> str:
 def _read_stream(fd: int, path: Path, kind: str) -> bytes:
     """All that a pipe or device gives until it ends, refused if it stays silent for `STREAM_WAIT`
     seconds or gives more than `MAX_STREAM_BYTES` (so that no input can make the command hang)."""
-    chunks: list[bytes] = []
-    size = 0
-    # poll(2), not epoll: epoll refuses devices such as /dev/zero, which are always readable
-    with getattr(selectors, "PollSelector", selectors.SelectSelector)() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            if not selector.select(STREAM_WAIT):
-                given = f"gave {size} bytes, then nothing" if size else "gave no data"
-                raise DataError(
-                    f"{shown(path)} is {kind} that {given} for {STREAM_WAIT:g} s; pass an image file, or write "
-                    f"a whole PNG or JPEG into it (`cat digit.png | mnist-predict /dev/stdin`)."
-                )
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:  # woken without data after all
-                continue
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > MAX_STREAM_BYTES:
-                raise DataError(
-                    f"{shown(path)} is {kind} that gave more than {MAX_STREAM_BYTES >> 20} MiB without ending; "
-                    "pass a PNG or JPEG image of one digit."
-                )
-            chunks.append(chunk)
+    data = bytearray()
+    poller = select.poll()  # poll(2), not epoll: epoll refuses devices such as /dev/zero, always readable
+    poller.register(fd, select.POLLIN)
+    while True:
+        if not poller.poll(STREAM_WAIT * 1000):
+            given = f"gave {len(data)} bytes, then nothing" if data else "gave no data"
+            raise DataError(
+                f"{shown(path)} is {kind} that {given} for {STREAM_WAIT:g} s; pass an image file, or write "
+                f"a whole PNG or JPEG into it (`cat digit.png | mnist-predict /dev/stdin`)."
+            )
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:  # woken without data after all
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > MAX_STREAM_BYTES:
+            raise DataError(
+                f"{shown(path)} is {kind} that gave more than {MAX_STREAM_BYTES >> 20} MiB without ending; "
+                "pass a PNG or JPEG image of one digit."
+            )
 
 
 @contextmanager
@@ -145,26 +126,27 @@ def opened(path: Path) -> Iterator[IO[bytes]]:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory")
         if stat.S_ISREG(mode):
             os.set_blocking(fd, True)
-            handle: IO[bytes] = os.fdopen(fd, "rb")
-        else:
-            kind = "a pipe" if stat.S_ISFIFO(mode) else "a device"  # a socket cannot be opened
-            handle = BytesIO(_read_stream(fd, path, kind))
-            os.close(fd)
-    except BaseException:
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                yield handle
+        else:  # a socket cannot be opened; a folder fails its first read (EISDIR)
+            yield BytesIO(_read_stream(fd, path, "a pipe" if stat.S_ISFIFO(mode) else "a device"))
+    finally:
         os.close(fd)
-        raise
-    with handle:
-        yield handle
 
 
 def open_image(source: IO[bytes], path: Path) -> Image.Image:
-    """Open an image reading only its header; refuse it, pixels still undecoded, if it exceeds MAX_PIXELS."""
-    with _header_only():
+    """Open an image reading only its header; refuse it, pixels still undecoded, if it exceeds MAX_PIXELS.
+
+    Pillow's bomb check is off meanwhile: `Image.open` itself warns (on stderr) above
+    `Image.MAX_IMAGE_PIXELS` and raises above twice that, before the size could be read and the stricter
+    `MAX_PIXELS` said what is wrong."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
         image = Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
@@ -205,31 +187,25 @@ def _quiet_keras() -> None:
     keras.utils.disable_interactive_logging()
 
 
-def load_keras(path: Path) -> tuple[Classifier, str]:
-    """A `.keras` file as the pipeline saves it (logits out), loaded as `evaluate` loads it."""
-    from pipeline import model
+def load_model(uri: str) -> tuple[Classifier, str]:
+    """A function from (n, `PIXELS`) float32 pixels to (n, `CLASSES`) class probabilities, and the model's
+    name (`mnist-bn-mlp version 3 (@champion)`, or the file). A `.keras` file is one the pipeline saves
+    (logits out), loaded as `evaluate` loads it; anything else is an MLflow model URI resolved against the
+    pipeline's tracking store (probabilities out), given rows in batches of `BATCH`, under the row limit
+    of a registered model (tracking/serving.py)."""
+    if uri.endswith(".keras"):
+        from pipeline import model
 
-    network = model.load(path)  # a wrong path fails before TensorFlow's start-up
-    _quiet_keras()
-    return (lambda x: model.probabilities(network, x)), shown(path)
-
-
-def load_mlflow(uri: str) -> tuple[Classifier, str]:
-    """Any MLflow model URI, resolved against the pipeline's tracking store; it outputs probabilities.
-    Rows go in batches of `BATCH`, under the row limit of a registered model (tracking/serving.py)."""
-    model, name = tracking.load_model(uri, before_load=_quiet_keras)
+        network = model.load(Path(uri))  # a wrong path fails before TensorFlow's start-up
+        _quiet_keras()
+        return (lambda x: model.probabilities(network, x)), shown(Path(uri))
+    loaded, name = tracking.load_model(uri, before_load=_quiet_keras)
 
     def classifier(x: np.ndarray) -> np.ndarray:
-        batches = [model.predict(x[start : start + BATCH]) for start in range(0, len(x), BATCH)]
+        batches = [loaded.predict(x[start : start + BATCH]) for start in range(0, len(x), BATCH)]
         return np.concatenate([np.asarray(batch, dtype=np.float64) for batch in batches])
 
     return classifier, name
-
-
-def load_model(uri: str) -> tuple[Classifier, str]:
-    """A function from (n, `PIXELS`) float32 pixels to (n, `CLASSES`) class probabilities, and the model's
-    name (`mnist-bn-mlp version 3 (@champion)`, or the file)."""
-    return load_keras(Path(uri)) if uri.endswith(".keras") else load_mlflow(uri)
 
 
 def classify(
@@ -241,25 +217,22 @@ def classify(
     given `on_error`, is passed to it and left out of the results (so one bad file among many does not
     cost the others their answers). The model is loaded only if at least one image was read.
     """
-    readable: list[Path] = []
-    images: list[np.ndarray] = []
+    read: list[tuple[Path, np.ndarray]] = []
     for path in paths:
         try:
-            images.append(load_image(path))
+            read.append((path, load_image(path)))
         except DataError as error:
             if on_error is None:
                 raise
             on_error(error)
-        else:
-            readable.append(path)
-    if not readable:
+    if not read:
         return []
     model, name = load_model(model_uri)
     log.info("model: %s", name)  # on stderr, before the results on stdout
-    probabilities = model(np.stack(images))
-    if probabilities.shape != (len(readable), CLASSES):
+    probabilities = model(np.stack([image for _, image in read]))
+    if probabilities.shape != (len(read), CLASSES):
         raise DataError(f"the model {model_uri} returned shape {probabilities.shape}, not {CLASSES} classes per image.")
-    return [(path, int(row.argmax()), float(row.max())) for path, row in zip(readable, probabilities, strict=True)]
+    return [(path, int(row.argmax()), float(row.max())) for (path, _), row in zip(read, probabilities, strict=True)]
 
 
 def record(prediction: Prediction, as_json: bool) -> str:

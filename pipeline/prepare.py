@@ -19,8 +19,6 @@ from pipeline.errors import DataError, run_stage
 
 log = logging.getLogger("pipeline.prepare")
 
-_UBYTE = 0x08
-
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file of unsigned bytes (the MNIST format) into an array of its declared shape."""
@@ -28,7 +26,7 @@ def read_idx(path: Path) -> np.ndarray:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path} is missing; run `dvc repro download` to fetch it.") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _UBYTE or data[3] == 0:
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] == 0:  # two zero bytes, 0x08: unsigned bytes
         raise DataError(f"{path} is not an unsigned-byte IDX file; run `dvc repro -f download` to fetch it again.")
     ndim = data[3]
     header = 4 + 4 * ndim

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from urllib.parse import unquote
 
 HIDDEN = "***"
 # scheme://userinfo@ : the userinfo runs to the last "@" before the query, so that a password holding
@@ -35,13 +36,18 @@ def _userinfo(match: re.Match[str]) -> str:
     return f"{match['scheme']}{user}:{HIDDEN}@" if colon else f"{match['scheme']}{HIDDEN}@"
 
 
-def redacted(text: str) -> str:
+def redacted(text: str, *urls: str) -> str:
     """`text` with the password of every URL in it, its credential query parameters and the values of
-    secret environment variables (`MLFLOW_TRACKING_PASSWORD`, `..._TOKEN`, ...) replaced by `***`."""
+    secret environment variables (`MLFLOW_TRACKING_PASSWORD`, `..._TOKEN`, ...) replaced by `***`; and the
+    password of each of `urls`, as written or percent-decoded, wherever it stands alone (a database
+    driver's message quotes it bare, without its URL)."""
     text = _SECRET_PARAMETER.sub(rf"\g<name>{HIDDEN}", _USERINFO.sub(_userinfo, text))
     for name, value in os.environ.items():
         if len(value) >= _SHORTEST_SECRET and _SECRET_VARIABLE.search(name.upper()) and value in text:
             text = text.replace(value, HIDDEN)
+    for url in urls:
+        if (match := _USERINFO.search(url)) and (password := match["userinfo"].partition(":")[2]):
+            text = text.replace(password, HIDDEN).replace(unquote(password), HIDDEN)
     return text
 
 

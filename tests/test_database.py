@@ -32,7 +32,7 @@ def test_urls_and_messages_never_show_the_password() -> None:
     assert redacted("postgresql://team@db/optuna") == "postgresql://***@db/optuna"
     assert redacted("sqlite:////srv/optuna.db") == "sqlite:////srv/optuna.db"
     text = f"could not connect with password pa:ss to {SECRET_URL}"
-    assert database.hide_password(text, SECRET_URL) == (
+    assert redacted(text, SECRET_URL) == (
         "could not connect with password *** to postgresql://team:***@db.internal:5432/optuna"
     )
 

@@ -25,7 +25,7 @@ from hypothesis import given, settings, strategies as st
 from workspace import REPO
 
 from pipeline.config import MNIST_FILES, DownloadParams, validate_params
-from pipeline.download import BadFileError, Fetcher, decompress_and_verify, download_all, read_checksums
+from pipeline.download import BadFileError, decompress_and_verify, download_all, fetch, read_checksums
 from pipeline.errors import ConfigError, DataError
 
 OFFLINE = REPO / "data" / "offline"
@@ -383,9 +383,9 @@ def test_size_cap_applies_to_the_download_itself(https_server: StartServer) -> N
     """A mirror declaring a huge body is refused before it is read into memory."""
     server = https_server()
     server.routes["/big/t10k-labels-idx1-ubyte.gz"] = Reply(bytes(30_000))
-    fetcher = Fetcher(download_params(server.url("/big/"), max_megabytes=0.02))
+    params = download_params(server.url("/big/"), max_megabytes=0.02)
     with pytest.raises(BadFileError, match=r"over download\.max_megabytes"):
-        fetcher.fetch(server.url("/big/"), "t10k-labels-idx1-ubyte")
+        fetch(server.url("/big/"), "t10k-labels-idx1-ubyte", params)
 
 
 def test_every_source_failing_lists_each_with_its_reason(tmp_path: Path, https_server: StartServer) -> None:

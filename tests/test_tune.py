@@ -500,7 +500,9 @@ def test_a_worker_runs_trial_after_trial_in_flat_memory(workspace: Path, tune_en
         while not stop.wait(0.05):
             with contextlib.suppress(psutil.Error):
                 children = worker.children(recursive=True)
-                trainer_pids.update(c.pid for c in children if is_trainer(c))
+                # direct children only: a trainer's own child (its stderr filter) carries the trainer's command
+                # line for a moment between fork and exec
+                trainer_pids.update(trainer.pid for trainer in trainers(worker))
                 total = worker.memory_info().rss + sum(c.memory_info().rss for c in children)
                 peaks[-1] = max(peaks[-1], total / 2**20)
 

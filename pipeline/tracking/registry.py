@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import TrackingError, first_line
 from pipeline.model import HOLDS_CODE, holds_code
 from pipeline.secrets import redacted
-from pipeline.tracking.store import mlflow_module, sqlite_path, tracking_uri
+from pipeline.tracking.store import check_reachable, mlflow_client, mlflow_module, sqlite_path, tracking_uri
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
@@ -24,29 +24,21 @@ VAL_ACCURACY = "val_accuracy"  # the version tag the champion is chosen by
 
 
 def _version_of(run_id: str) -> Any | None:
-    from mlflow import MlflowClient
-
-    versions = MlflowClient().search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    versions = mlflow_client().search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _best_version(client: Any) -> str | None:
+def _best_version() -> str | None:
     """The version with the highest finite `val_accuracy` tag, the earliest of equals (None if none has one)."""
-    best: tuple[float, int] | None = None
-    token = None
-    while True:
-        page = client.search_model_versions(f"name = '{REGISTERED_MODEL}'", page_token=token)
-        for found in page:
-            try:
-                key = (float(found.tags[VAL_ACCURACY]), -int(found.version))
-            except (KeyError, ValueError):  # not tagged (yet), or a tag written by hand
-                continue
-            if not math.isfinite(key[0]):  # `nan` compares false both ways, `inf` beats every real accuracy
-                continue
-            best = key if best is None or key > best else best
-        token = page.token
-        if not token:
-            return None if best is None else str(-best[1])
+    candidates = []
+    for found in mlflow_module().search_model_versions(filter_string=f"name = '{REGISTERED_MODEL}'"):  # every page
+        try:
+            accuracy = float(found.tags[VAL_ACCURACY])
+        except (KeyError, ValueError):  # not tagged (yet), or a tag written by hand
+            continue
+        if math.isfinite(accuracy):  # `nan` compares false both ways, `inf` beats every real accuracy
+            candidates.append((accuracy, -int(found.version)))
+    return str(-max(candidates)[1]) if candidates else None
 
 
 def _champion(client: Any) -> str | None:
@@ -65,16 +57,15 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
     The last read of all follows every write (each writer reads again after it) and stopped its reader,
     so the champion ends on the best (tests/test_registry.py forces every interleaving of two).
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     version = _version_of(run_id)
     if version is None:
         return False
-    client = MlflowClient()
+    client = mlflow_client()
     client.set_model_version_tag(REGISTERED_MODEL, version.version, VAL_ACCURACY, f"{val_accuracy:.6f}")
     while True:
-        current, best = _champion(client), _best_version(client)
+        current, best = _champion(client), _best_version()
         if best is None or current == best:
             return best == str(version.version)
         try:
@@ -89,17 +80,15 @@ def promote_if_better(run_id: str, val_accuracy: float) -> bool:
 
 def record_test_accuracy(run_id: str, test_accuracy: float) -> None:
     """Tag the run's model version with its test accuracy: reported beside it, never used to choose."""
-    from mlflow import MlflowClient
-
     if version := _version_of(run_id):
-        MlflowClient().set_model_version_tag(REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}")
+        mlflow_client().set_model_version_tag(
+            REGISTERED_MODEL, version.version, "test_accuracy", f"{test_accuracy:.6f}"
+        )
 
 
 def logged_model_id(run_id: str) -> str | None:
     """The id of the model (MLflow's LoggedModel) the run logged last, if it logged one."""
-    from mlflow import MlflowClient
-
-    outputs = MlflowClient().get_run(run_id).outputs
+    outputs = mlflow_client().get_run(run_id).outputs
     models = outputs.model_outputs if outputs else []
     return str(models[-1].model_id) if models else None
 
@@ -107,9 +96,7 @@ def logged_model_id(run_id: str) -> str | None:
 def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any) -> None:
     """Link the run's last value of each metric to its model, with the dataset (an MLflow Dataset) it
     was measured on. Same timestamp and step as the run's own point: the run's history gains none."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    client = mlflow_client()
     for key in keys:
         last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
         mlflow_module().log_metric(
@@ -119,9 +106,7 @@ def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any
 
 def _provenance(run_id: str, changed: list[str]) -> str:
     """The registered version's description: the run, commit and params that made it, what chose it."""
-    from mlflow import MlflowClient
-
-    run = MlflowClient().get_run(run_id)
+    run = mlflow_client().get_run(run_id)
     dirty = " (with uncommitted changes)" * (run.data.tags.get("git_dirty") == "true")
     return (
         f"Trained by MLflow run {run.info.run_name} ({run_id}) at git commit "
@@ -140,7 +125,6 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
     (an MLflow Dataset); the version says which run, commit and `changed` params made it."""
     import keras
     import tensorflow as tf
-    from mlflow import MlflowClient
 
     from pipeline import quiet
     from pipeline.config import CLASSES, PIXELS, SIDE
@@ -170,7 +154,7 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
                 # count from 1): the model holds only the figures linked here and by `evaluate`.
                 step=-1,
             )
-    client = MlflowClient()
+    client = mlflow_client()
     client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.description(SIDE, CLASSES)})
     link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
     version = str(info.registered_model_version)
@@ -183,8 +167,6 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tupl
     against the pipeline's store, and what it is (`mnist-bn-mlp version 3 (@champion)`); every way it
     cannot be loaded from here is one TrackingError. An alias is resolved once, and that version loaded.
     `before_load` runs once the store is known to be usable (the caller's slow TensorFlow start-up)."""
-    from pipeline.tracking.store import check_reachable
-
     store = tracking_uri()
     check_reachable(store, writing=False)
     # MLflow would silently create an empty SQLite store; say instead that there is nothing to load.
@@ -199,7 +181,7 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tupl
     shown = redacted(uri)
     try:
         if alias := re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", uri):
-            version = mlflow.MlflowClient().get_model_version_by_alias(alias["name"], alias["alias"]).version
+            version = mlflow_client().get_model_version_by_alias(alias["name"], alias["alias"]).version
             uri, shown = f"models:/{alias['name']}/{version}", f"{alias['name']} version {version} (@{alias['alias']})"
         before_load()
         with warnings.catch_warnings():  # members outside the archive ("../x") are skipped; no need to say

@@ -22,6 +22,7 @@ from pipeline.tracking.registry import logged_model_id
 from pipeline.tracking.store import (
     connect,
     failure,
+    mlflow_client,
     mlflow_module,
     quick_requests,
     shown_store,
@@ -65,19 +66,13 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     tagged by another host, or without the process tags (older runs), are left alone: their process may
     be alive where we cannot see it. Returns the ids of the runs it ended.
     """
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    mlflow = mlflow_module()
     host = socket.gethostname()
     query = f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{host}'"
     ended: list[str] = []
-    page_token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
-        for found in page:
-            if not process_ended(found.data.tags):
-                continue
-            client.set_terminated(found.info.run_id, "KILLED")
+    for found in mlflow.search_runs([experiment_id], query, output_format="list"):  # every page, up to 100,000
+        if process_ended(found.data.tags):
+            mlflow_client().set_terminated(found.info.run_id, "KILLED")
             ended.append(found.info.run_id)
             log.info(
                 "MLflow run %s was left RUNNING by process %s on %s, which no longer exists; marked KILLED",
@@ -85,9 +80,7 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
                 found.data.tags[PID_TAG],
                 host,
             )
-        page_token = page.token
-        if not page_token:
-            return ended
+    return ended
 
 
 @contextmanager
@@ -96,17 +89,15 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     KILLED on Ctrl-C/SIGTERM and FAILED on error, and, if this process is killed outright, KILLED by the
     next run on this host (`end_orphaned_runs`). A resumed run (evaluation logging into its training)
     that fails gets its earlier status back, with the tag `resume_failed`: a finished training stays so."""
-    from mlflow.entities import RunTag
-
     experiment_id = connect()
     mlflow = mlflow_module()
     tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
-    client = mlflow.MlflowClient()
+    client = mlflow_client()
     with store_errors("starting the run", after="Nothing was changed"):
         end_orphaned_runs(experiment_id)
-        earlier = client.get_run(run_id).info.status if run_id else None
+        earlier = run_status(run_id) if run_id else None
         if run_id:  # re-tag before the run is RUNNING again, so no sweep sees it with its old, dead process
-            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+            log_run(run_id, tags=tags)
         active = mlflow.start_run(
             run_id=run_id,
             experiment_id=None if run_id else experiment_id,
@@ -126,23 +117,18 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
 
     try:
         yield active.info.run_id
-    except (KeyboardInterrupt, Terminated):
-        end("KILLED", "interrupted")
-        raise
-    except store_failures() as error:
+    except BaseException as error:
+        interrupted = isinstance(error, (KeyboardInterrupt, Terminated))
+        with quick_requests(error):  # the store may be what failed
+            ended = end("KILLED", "interrupted") if interrupted else end("FAILED", first_line(error))
+        if not isinstance(error, store_failures()):
+            raise
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
         after = "The previous outputs were left as they were"
-        with quick_requests(error):
-            ended = end("FAILED", first_line(error))
         if not ended and not earlier:
             after += f"; the run could not be ended either: the next run on {socket.gethostname()} marks it KILLED"
         raise TrackingError(failure("recording the run", error, after=after)) from None
-
-    except BaseException as error:
-        end("FAILED", str(error).splitlines()[0] if str(error) else type(error).__name__)
-        raise
-    else:
-        mlflow.end_run("FINISHED")
+    mlflow.end_run("FINISHED")
 
 
 def resume(run_id: str) -> AbstractContextManager[str]:
@@ -189,10 +175,7 @@ def log_files(files: dict[Path, bytes | str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for path, content in files.items():
             local = Path(folder) / path.name
-            if isinstance(content, str):
-                local.write_text(content, encoding="utf-8")
-            else:
-                local.write_bytes(content)
+            local.write_bytes(content.encode() if isinstance(content, str) else content)  # text as UTF-8
             mlflow.log_artifact(str(local))
 
 
@@ -217,11 +200,9 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     the next epoch with the store's error (`run` ends the run FAILED and says it in one line). Leaving
     the block waits for the last batch.
     """
-    from mlflow import MlflowClient
-
     if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`_written` raises them)
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
-    client = MlflowClient()
+    client = mlflow_client()
     in_flight: list[Any] = []  # the last batch's `RunOperations`
 
     def send(result: Any) -> None:
@@ -245,14 +226,9 @@ def _written(operations: Any) -> None:
 
 def log_history(run_id: str, history: Sequence[Any]) -> None:
     """Per-epoch metrics of `EpochResult`s (`epoch/<name>`, step = epoch), sent in a few batched requests."""
-    from mlflow import MlflowClient
-    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
-
     now = int(time.time() * 1000)
     metrics = [metric for result in history for metric in curve_points(result, now)]
-    client = MlflowClient()
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+    mlflow_client().log_batch(run_id, metrics=metrics)  # in batches of MAX_METRICS_PER_BATCH, MLflow's limit
 
 
 def log_training(train_seconds: float, figures: dict[str, float], files: dict[Path, bytes | str]) -> None:
@@ -293,11 +269,10 @@ def log_evaluation(
 
 def run_exists(run_id: str) -> bool:
     """Whether the store holds the run."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        MlflowClient().get_run(run_id)
+        mlflow_client().get_run(run_id)
     except MlflowException:
         return False
     return True
@@ -308,11 +283,10 @@ def run_exists(run_id: str) -> bool:
 
 def create_run(experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
     """A new RUNNING run (not made active in this process), the child of `parent_run_id` if given; its id."""
-    from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     parent = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
-    return str(MlflowClient().create_run(experiment_id, run_name=name, tags={**parent, **tags}).info.run_id)
+    return str(mlflow_client().create_run(experiment_id, run_name=name, tags={**parent, **tags}).info.run_id)
 
 
 def log_run(
@@ -325,7 +299,6 @@ def log_run(
     """Parameters (as `mlflow.log_params` writes them: `str(value)`), metrics at `step` and tags of a
     run, in one request. A value longer than MLflow keeps is cut, saying so, and the exact values go to
     the run's artifact PARAMS_ARTIFACT (MLflow would cut it silently but for a warning)."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -333,8 +306,8 @@ def log_run(
     texts = {key: str(value) for key, value in (params or {}).items()}
     cut = f" ... (cut: the whole value is in the artifact {PARAMS_ARTIFACT} of this run)"
     if any(len(text) > MAX_PARAM_VAL_LENGTH for text in texts.values()):
-        MlflowClient().log_dict(run_id, params or {}, PARAMS_ARTIFACT)
-    MlflowClient().log_batch(
+        mlflow_client().log_dict(run_id, params or {}, PARAMS_ARTIFACT)
+    mlflow_client().log_batch(
         run_id,
         metrics=[Metric(key, value, now, step) for key, value in (metrics or {}).items()],
         params=[
@@ -347,22 +320,15 @@ def log_run(
 
 def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
     """Tag a run and end it as `status` (FINISHED, FAILED, KILLED)."""
-    from mlflow import MlflowClient
-
-    if tags:
-        log_run(run_id, tags=tags)
-    MlflowClient().set_terminated(run_id, status)
+    log_run(run_id, tags=tags)  # no request without tags
+    mlflow_client().set_terminated(run_id, status)
 
 
 def run_status(run_id: str) -> str:
     """RUNNING, FINISHED, FAILED or KILLED: the run's status as the store has it now."""
-    from mlflow import MlflowClient
-
-    return str(MlflowClient().get_run(run_id).info.status)
+    return str(mlflow_client().get_run(run_id).info.status)
 
 
 def reopen_run(run_id: str) -> None:
     """Make an ended run RUNNING again (a study's parent run when a worker joins it later)."""
-    from mlflow import MlflowClient
-
-    MlflowClient().update_run(run_id, status="RUNNING")
+    mlflow_client().update_run(run_id, status="RUNNING")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import quote
 
@@ -71,31 +72,24 @@ def check(database: Path, wait: float, writing: bool = True) -> None:
     `SAY_AFTER`); nothing if the file does not exist yet (MLflow creates it)."""
     if not database.is_file():
         return
-    mode = "rw" if writing else "ro"
+    url = f"file:{quote(str(database))}?mode={'rw' if writing else 'ro'}"
     try:
-        connection = sqlite3.connect(
-            f"file:{quote(str(database))}?mode={mode}", uri=True, timeout=SAY_AFTER, isolation_level=None
-        )
-    except sqlite3.Error as error:
-        raise TrackingError(f"{unusable(database, error)}. Nothing was changed.") from None
-    try:
-        try:
-            _attempt(connection, writing)
-        except sqlite3.OperationalError as error:
-            if _reason(error) not in _LOCKED:
-                raise
-            log.warning(
-                "%s is locked by %s; waiting up to %.0f s for it to be released",
-                database,
-                ", ".join(lock_holders(database)) or "another process",
-                wait,
-            )
-            connection.execute(f"PRAGMA busy_timeout = {int(max(wait - SAY_AFTER, 0) * 1000)}")
-            _attempt(connection, writing)
-    except sqlite3.Error as error:
+        with closing(sqlite3.connect(url, uri=True, timeout=SAY_AFTER, isolation_level=None)) as connection:
+            try:
+                _attempt(connection, writing)
+            except sqlite3.OperationalError as error:
+                if _reason(error) not in _LOCKED:
+                    raise
+                log.warning(
+                    "%s is locked by %s; waiting up to %.0f s for it to be released",
+                    database,
+                    ", ".join(lock_holders(database)) or "another process",
+                    wait,
+                )
+                connection.execute(f"PRAGMA busy_timeout = {int(max(wait - SAY_AFTER, 0) * 1000)}")
+                _attempt(connection, writing)
+    except sqlite3.Error as error:  # opening or reading it: damaged, locked past `wait`, not readable
         raise TrackingError(f"{unusable(database, error, wait)}. Nothing was changed.") from None
-    finally:
-        connection.close()
 
 
 def problem(database: Path, error: sqlite3.Error, waited: float = 0) -> str | None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import requests
 from filelock import FileLock
@@ -51,6 +52,7 @@ _SETTINGS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # `quick_requests`
 
 
 def mlflow_module() -> ModuleType:
@@ -64,23 +66,25 @@ def mlflow_module() -> ModuleType:
     return mlflow
 
 
+def mlflow_client() -> Any:
+    """An `MlflowClient` of the store MLflow is pointed at (`connect`), MLflow imported by `mlflow_module`."""
+    return mlflow_module().MlflowClient()
+
+
 @contextmanager
 def quick_requests(error: BaseException) -> Iterator[None]:
     """For the cleanup after `error` (ending the run, sending what is left): if the store stopped
-    answering (`unavailable`), one attempt of a few seconds per request, not every retry again."""
+    answering (`unavailable`), one attempt of a few seconds per request, not every retry again. Then the
+    settings are as before, or as `mlflow_module` sets them where they were not set."""
     if not unavailable(error):
         yield
         return
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    saved = {name: os.environ.get(name, _SETTINGS[name]) for name in _QUICK}
+    os.environ.update(_QUICK)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.update(saved)
 
 
 def store_failures() -> tuple[type[BaseException], ...]:
@@ -101,7 +105,7 @@ def unavailable(error: BaseException) -> str | None:
     from mlflow.exceptions import MlflowException
 
     if lost := database.connection_lost(error):
-        return database.hide_password(lost, tracking_uri())
+        return redacted(lost, tracking_uri())
     for current in chain(error):
         if isinstance(current, MlflowException) and current.error_code == "TEMPORARILY_UNAVAILABLE":
             return "the server says its store is temporarily unavailable"
@@ -143,10 +147,9 @@ def failure(what: str, error: BaseException, fix: str = STORE_FIX, after: str = 
     damaged or locked SQLite file (`sqlite.problem`) said as such, anything else with MLflow's reason
     and `fix`; then `after`, if given."""
     db_file = sqlite_path(tracking_uri())
-    found = sqlite.cause(error) if db_file else None
     if why := refused(error):
         text = f"{what} in the MLflow store {shown_store()} was refused: {why}"
-    elif db_file and found and (problem := sqlite.problem(db_file, found)):
+    elif db_file and (found := sqlite.cause(error)) and (problem := sqlite.problem(db_file, found)):
         text = f"{what} failed: {problem}"
     elif (away := unavailable(error)) and not db_file:
         text = f"{what} in the MLflow store {shown_store()} failed: it did not answer ({away}); {fix}"
@@ -170,9 +173,8 @@ def store_errors(what: str, fix: str = STORE_FIX, after: str = "") -> Iterator[N
 
 def probe() -> None:
     """One cheap query of the store (through its server, if any); StoreUnavailableError while it is away."""
-    mlflow = mlflow_module()
     with store_errors("asking for the experiment"):
-        mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
+        mlflow_client().get_experiment_by_name(EXPERIMENT)
 
 
 def tracking_uri() -> str:
@@ -219,20 +221,20 @@ def check_reachable(uri: str, writing: bool = True) -> None:
 
 
 def _check_where(uri: str) -> None:
-    """A server answers as MLflow; a SQLite file's folder exists."""
+    """A server answers as MLflow; a SQLite file's folder exists; a database server takes connections."""
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
     elif (db_file := sqlite_path(uri)) and not db_file.parent.is_dir():
         raise TrackingError(
             f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
         )
-    elif database.is_database(uri):  # MLflow would retry for minutes, then end in a traceback
-        database.check_driver(uri, "MLFLOW_TRACKING_URI")
-        if reason := database.unusable(uri):
-            raise TrackingError(
-                f"the MLflow database {redacted(uri)} cannot be used ({reason}); start its server, or "
-                "fix MLFLOW_TRACKING_URI."
-            )
+    elif uri.startswith("sqlite") or not database.check_driver(uri, "MLFLOW_TRACKING_URI"):
+        return  # a SQLite file (`sqlite.check` opens it), or no database server
+    elif reason := database.unusable(uri):  # MLflow would retry for minutes, then end in a traceback
+        raise TrackingError(
+            f"the MLflow database {redacted(uri)} cannot be used ({reason}); start its server, or "
+            "fix MLFLOW_TRACKING_URI."
+        )
 
 
 def _probe_server(uri: str) -> None:
@@ -295,8 +297,7 @@ def connect() -> str:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is None:
                 try:
-                    created = mlflow.create_experiment(EXPERIMENT, artifact_location(uri), experiment_tags())
-                    return str(created)
+                    return str(mlflow.create_experiment(EXPERIMENT, artifact_location(uri), experiment_tags()))
                 except MlflowException as error:
                     if error.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
@@ -304,7 +305,7 @@ def connect() -> str:
                 experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             for key, value in experiment_tags().items():  # a store from before: the tags a user changed stay
                 if key not in experiment.tags:
-                    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+                    mlflow_client().set_experiment_tag(experiment.experiment_id, key, value)
             return str(experiment.experiment_id)
         except Exception as error:  # MLflow's errors, and SQLAlchemy's raised while MLflow opens the database
             if db_file and (found := sqlite.cause(error)):

@@ -2,9 +2,10 @@
 
 TensorFlow keeps what each trial compiles (graphs, XLA programs) until its process ends, whatever the
 trial frees; a process per trial gives all of it back. The worker sends the trial's params as one JSON
-line and reads one JSON line per epoch, then the seconds trained or a PipelineError's name and message.
-The child has a session of its own (Ctrl-C reaches only the worker, which ends it), and it stops as
-soon as the worker goes away (its stdin closes).
+line (on stdin: not on the command line, where any user of the machine could read them) and reads one
+JSON line per epoch, then the seconds trained or a PipelineError's name and message. The child has a
+session of its own (Ctrl-C reaches only the worker, which ends it), and it stops as soon as the worker
+goes away (its stdin closes).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ the study's best."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import sys
@@ -16,12 +15,11 @@ from pipeline import database, io, lineage, quiet, tracking
 from pipeline.cli import ArgumentParser, positive, seed
 from pipeline.config import PARAMS_FILE, SEARCH_SPACE_FILE, load_params, prepared_file
 from pipeline.errors import ConfigError, DataError, DivergedError, PipelineError, ResourceError, UsageError, run_stage
-from pipeline.tracking.store import STORE_FIX
 from pipeline.tune import outage, workers
-from pipeline.tune.report import progress, summary, update_parent
+from pipeline.tune.report import summary, trial_line, update_parent
 from pipeline.tune.space import parse_set, read_space
 from pipeline.tune.storage import DEFAULT_SETTING, GRACE_BEATS, HEARTBEAT_SECONDS, storage_url
-from pipeline.tune.study import make_objective, open_study
+from pipeline.tune.study import closing, make_objective, open_study
 
 if TYPE_CHECKING:
     import argparse
@@ -100,10 +98,9 @@ def main(argv: Sequence[str]) -> None:
 
     quiet_optuna()
     experiment_id = tracking.connect()  # fails in seconds on a dead server
-    with tracking.store_errors("ending the runs of killed processes", STORE_FIX):
+    with tracking.store_errors("ending the runs of killed processes"):
         tracking.end_orphaned_runs(experiment_id)
-    uri = tracking.tracking_uri()
-    if setting == DEFAULT_SETTING and uri.startswith(("http://", "https://")):
+    if setting == DEFAULT_SETTING and tracking.tracking_uri().startswith(("http://", "https://")):
         log.warning(
             "note: the study lives in %s on this machine; set OPTUNA_STORAGE=<the team's database URL> to "
             "share it with workers on other machines.",
@@ -114,21 +111,22 @@ def main(argv: Sequence[str]) -> None:
     tags["optuna.storage"] = tracking.redacted(url)
     shared = open_study(args.study, url, space, base, args.seed, experiment_id, tags, args.heartbeat)
     present = workers.Workers(shared.storage, shared.study_id(), shared.parent_run_id)
-    with tracking.store_errors("joining the study's parent run", STORE_FIX):
+    with tracking.store_errors("joining the study's parent run"):
         present.join()  # the parent run is RUNNING from here until the last worker leaves
     objective = make_objective(shared, base, space, tags)
     mine: list[FrozenTrial] = []
     try:
-        with progress(args.trials, args.study) as report:
+        # a bar over this worker's trials on a terminal (a failed trial's line above it); a line per trial in logs
+        with quiet.progress(args.trials, f"tune {args.study}", "trial") as step:
 
             def after(study: optuna.Study, trial: FrozenTrial) -> None:
                 mine.append(trial)
-                report(study, trial)
+                line = trial_line(study, trial)
+                step(line, line.partition("; ")[2], trial.state.name == "FAIL")
 
             outage.optimize(shared, objective, args.trials, TRIAL_ERRORS, [after], url, args.wait)
     finally:
-        closing = tracking.store_errors("closing the study's parent run", STORE_FIX)
-        with contextlib.suppress(Exception) if sys.exc_info()[0] else closing:
+        with closing("closing the study's parent run"):
             try:
                 update_parent(shared)
             finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,33 +49,29 @@ def outage_of(error: BaseException, url: str) -> Outage | None:
         if isinstance(cause, StoreUnavailableError):
             return Outage(mlflow_store, cause.reason)
     if lost := database.connection_lost(error):
-        return Outage(f"the Optuna storage {tracking.redacted(url)}", database.hide_password(lost, url))
+        return Outage(f"the Optuna storage {tracking.redacted(url)}", tracking.redacted(lost, url))
     if away := tracking.unavailable(error):
         return Outage(mlflow_store, away)
     return None
 
 
-def _mlflow_answers() -> bool:
-    tracking.probe()  # raises while the store is away
+def _back(shared: Study) -> bool:
+    """Whether both stores answer again (one still away raises)."""
+    shared.study_id()
+    tracking.probe()
     return True
 
 
-def _failed_elsewhere(shared: Study, number: int, error: BaseException) -> bool:
-    """Whether `error` is Optuna refusing to update trial `number` because another worker already
-    failed it: its heartbeat was late (an outage longer than the grace period, a stalled machine)."""
+def _refused(error: BaseException) -> bool:
+    """Whether `error` is Optuna refusing to update a finished trial. For the trial a worker is training,
+    only another worker finishes it: its heartbeat check failed it, the heartbeat being late (an outage
+    longer than the grace period, a stalled machine)."""
     from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
 
-    refused = any(
+    return any(
         isinstance(cause, UpdateFinishedTrialError) or str(cause).startswith("Cannot tell a FAIL trial")
         for cause in chain(error)
     )
-    if not refused:
-        return False
-    try:
-        return bool(shared.storage.get_trial(shared.trial_id(number)).state == TrialState.FAIL)
-    except Exception:
-        return False
 
 
 def fail_in_flight(shared: Study, number: int, outage: Outage) -> None:
@@ -140,24 +135,20 @@ def optimize(
             outage = outage_of(error, url)
             in_flight = started[-1] if started and started[-1] not in finished else None
             if outage is None:
-                if in_flight is not None and _failed_elsewhere(shared, in_flight, error):
-                    finished.add(in_flight)
-                    log.warning(
-                        "warning: trial %d was failed by another worker while this one trained it (its heartbeat "
-                        "was late); this worker goes on.",
-                        in_flight,
-                    )
-                    continue
-                raise
+                if in_flight is None or not _refused(error):
+                    raise
+                finished.add(in_flight)
+                log.warning(
+                    "warning: trial %d was failed by another worker while this one trained it (its heartbeat "
+                    "was late); this worker goes on.",
+                    in_flight,
+                )
+                continue
         during = f"during trial {in_flight}, which fails" if in_flight is not None else "between trials"
         log.warning(
             "warning: %s %s; this worker waits up to %d s for it to come back, then goes on.", outage, during, wait
         )
-        deadline = time.monotonic() + wait
-        if not (
-            poll(lambda: shared.study_id() >= 0, wait, POLL_SECONDS)
-            and poll(_mlflow_answers, max(deadline - time.monotonic(), 0.0), POLL_SECONDS)
-        ):
+        if not poll(lambda: _back(shared), wait, POLL_SECONDS):
             raise TrackingError(
                 f"{outage} and did not come back within {wait:.0f} s; start it again, then this worker "
                 "(the study resumes where it stopped)."

@@ -1,14 +1,12 @@
-"""What a worker shows and records of its study: a line (or a bar) per trial, the study's standing on
-its MLflow parent run, and the best trial with the `dvc exp run` command that reproduces it."""
+"""What a worker shows and records of its study: a line per trial, the study's standing on its MLflow
+parent run, and the best trial with the `dvc exp run` command that reproduces it."""
 
 from __future__ import annotations
 
-import contextlib
 import shlex
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pipeline import quiet, recipe, tracking
+from pipeline import recipe, tracking
 from pipeline.config import Params
 from pipeline.tune.space import differences
 from pipeline.tune.study import Study
@@ -38,18 +36,6 @@ def trial_line(study: optuna.Study, trial: FrozenTrial) -> str:
     best = best_trial(study)
     so_far = f"best so far {best.value:.4f} (trial {best.number})" if best else "no trial complete yet"
     return f"trial {trial.number}: {state}{figure}{why}; {so_far}"
-
-
-@contextlib.contextmanager
-def progress(trials: int, name: str) -> Iterator[Callable[[optuna.Study, FrozenTrial], None]]:
-    """A bar over this worker's trials on a terminal (a failed trial's line above it); one line per trial in logs."""
-    with quiet.progress(trials, f"tune {name}", "trial") as step:
-
-        def report(study: optuna.Study, trial: FrozenTrial) -> None:
-            line = trial_line(study, trial)
-            step(line, line.partition("; ")[2], trial.state.name == "FAIL")
-
-        yield report
 
 
 def summary(study: optuna.Study, base: Params) -> list[str]:

@@ -30,11 +30,11 @@ DISTRIBUTION_KEYS = ("low", "high", "log", "step", "choices")
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a study varies (`distributions`) and holds (`fixed`: the file's fixed values and `--set`)."""
+    """What a study varies (`distributions`; choices that are lists are held by Optuna as their JSON
+    text) and holds (`fixed`: the file's fixed values and `--set`)."""
 
     distributions: dict[str, BaseDistribution]
     fixed: dict[str, Any]
-    encoded: frozenset[str]  # keys whose choices are lists, held by Optuna as their JSON text
 
     def definition(self) -> dict[str, Any]:
         """A JSON-able description, kept with the study to notice when it resumes with another one."""
@@ -45,13 +45,10 @@ class SearchSpace:
             "fixed": self.fixed,
         }
 
-    def describe(self, key: str) -> str:
-        """`float in [0.0005, 0.01], log` / `one of [128, 256]`: for the parent run's parameters."""
-        return describe(self.distributions[key])
-
 
 def describe(d: BaseDistribution) -> str:
-    """A distribution in words; list choices (held as JSON text) shown as the lists they are."""
+    """`float in [0.0005, 0.01], log` / `one of [128, 256]`: a distribution in words, for the parent
+    run's parameters and messages; list choices (held as JSON text) shown as the lists they are."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if isinstance(d, CategoricalDistribution):
@@ -63,19 +60,17 @@ def describe(d: BaseDistribution) -> str:
 
 
 def _decoded(choice: Any) -> Any:
+    """A choice as the value it stands for: list choices are held as JSON text (the schema refuses a
+    text starting with '[' or '{' for every tunable key)."""
     if isinstance(choice, str) and choice.startswith(("[", "{")):
         with contextlib.suppress(ValueError):
             return json.loads(choice)
     return choice
 
 
-def _flat_keys(base: Params) -> list[str]:
-    return list(base.flat())
-
-
-def _check_key(key: Any, base: Params, file: Path, where: str) -> str:
+def _check_key(key: Any, base: Params, file: Path, where: str) -> None:
     """A `section.key` of params.yaml that a trial may vary; else one sentence with a suggestion."""
-    known = _flat_keys(base)
+    known = list(base.flat())
     place = f" in {where}" if where else ""
     if not isinstance(key, str) or key not in known:
         leaf = str(key).rpartition(".")[2]  # train.dropout -> model.dropout: the name is right, the section not
@@ -88,7 +83,6 @@ def _check_key(key: Any, base: Params, file: Path, where: str) -> str:
             f"{file}: {key}{place} cannot vary per trial: trials train on the data that `dvc repro prepare` made; "
             f"only {allowed} keys can."
         )
-    return key
 
 
 def _is_int(value: Any) -> bool:
@@ -97,12 +91,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _schema_is_float(key: str) -> bool:
-    section, _, name = key.partition(".")
-    section_model = Params.model_fields[section].annotation
-    return section_model.model_fields[name].annotation is float  # type: ignore[union-attr]
 
 
 def _check_value(context: Params, key: str, role: str, value: Any, file: Path) -> None:
@@ -117,8 +105,8 @@ def _check_value(context: Params, key: str, role: str, value: Any, file: Path) -
         raise ConfigError(f"{file}: space {key}: {role} {value!r} breaks a rule of params.yaml: {text}") from None
 
 
-def _distribution(key: str, spec: Any, context: Params, file: Path) -> tuple[BaseDistribution, bool]:
-    """The Optuna distribution of one entry of `space:`, checked; and whether its choices are encoded."""
+def _distribution(key: str, spec: Any, context: Params, file: Path) -> BaseDistribution:
+    """The Optuna distribution of one entry of `space:`, checked."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     where = f"{file}: space {key}"
@@ -142,9 +130,7 @@ def _distribution(key: str, spec: Any, context: Params, file: Path) -> tuple[Bas
             raise ConfigError(f"{where}: choices = {choices!r} lists a value twice; list each value once.")
         for choice in choices:
             _check_value(context, key, "choice", choice, file)
-        encoded = any(isinstance(c, (list, dict)) for c in choices)
-        held = [json.dumps(c) for c in choices] if encoded else choices
-        return CategoricalDistribution(held), encoded
+        return CategoricalDistribution([json.dumps(c) if isinstance(c, (list, dict)) else c for c in choices])
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{where}: give both low and high (or choices); got {spec!r}.")
     low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
@@ -157,7 +143,8 @@ def _distribution(key: str, spec: Any, context: Params, file: Path) -> tuple[Bas
         raise ConfigError(f"{where}: log = {log!r} is not allowed: it must be true or false.")
     if log and low <= 0:
         raise ConfigError(f"{where}: low = {low!r} is not allowed with log: true; a log scale needs low > 0.")
-    integer = _is_int(low) and _is_int(high) and not _schema_is_float(key)
+    # the schema's float keys hold floats whatever was written (0 in params.yaml is 0.0)
+    integer = _is_int(low) and _is_int(high) and not isinstance(context.flat()[key], float)
     if step is not None:
         if log:
             raise ConfigError(f"{where}: step = {step!r} cannot be combined with log: true; drop one of them.")
@@ -169,8 +156,8 @@ def _distribution(key: str, spec: Any, context: Params, file: Path) -> tuple[Bas
     _check_value(context, key, "low", low, file)
     _check_value(context, key, "high", high, file)
     if integer:
-        return IntDistribution(low, high, log=log, step=step or 1), False
-    return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step)), False
+        return IntDistribution(low, high, log=log, step=step or 1)
+    return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
 
 
 def parse_set(values: Sequence[str], base: Params) -> dict[str, Any]:
@@ -243,36 +230,25 @@ def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
     searched = {key: spec for key, spec in space.items() if key not in pinned}
     if not searched:
         raise ConfigError(f"{file}: space: names no key to search (or --set pins them all); add one.")
-    distributions: dict[str, BaseDistribution] = {}
-    encoded: set[str] = set()
-    for key, spec in searched.items():
-        distributions[key], is_encoded = _distribution(key, spec, context, file)
-        if is_encoded:
-            encoded.add(key)
-    return SearchSpace(distributions, {**fixed, **pinned}, frozenset(encoded))
-
-
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """The trial's values for the searched keys."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    values: dict[str, Any] = {}
-    for key, d in space.distributions.items():
-        if isinstance(d, CategoricalDistribution):
-            value = trial.suggest_categorical(key, d.choices)
-            values[key] = json.loads(str(value)) if key in space.encoded else value
-        elif isinstance(d, FloatDistribution):
-            values[key] = trial.suggest_float(key, d.low, d.high, log=d.log, step=d.step)
-        else:
-            assert isinstance(d, IntDistribution)
-            values[key] = trial.suggest_int(key, d.low, d.high, log=d.log, step=d.step)
-    return values
+    distributions = {key: _distribution(key, spec, context, file) for key, spec in searched.items()}
+    return SearchSpace(distributions, {**fixed, **pinned})
 
 
 def trial_params(base: Params, space: SearchSpace, trial: optuna.Trial) -> Params:
     """params.yaml with the study's fixed values and the trial's sampled ones; a combination the schema
     refuses (rules across keys) fails the trial with the schema's sentence."""
-    return recipe.apply(base, {**space.fixed, **suggest(trial, space)}, Path(f"trial {trial.number}"))
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    values = dict(space.fixed)
+    for key, d in space.distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            values[key] = _decoded(trial.suggest_categorical(key, d.choices))
+        elif isinstance(d, FloatDistribution):
+            values[key] = trial.suggest_float(key, d.low, d.high, log=d.log, step=d.step)
+        else:
+            assert isinstance(d, IntDistribution)
+            values[key] = trial.suggest_int(key, d.low, d.high, log=d.log, step=d.step)
+    return recipe.apply(base, values, Path(f"trial {trial.number}"))
 
 
 def differences(base: Params, flat: dict[str, Any]) -> dict[str, Any]:

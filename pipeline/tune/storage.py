@@ -29,7 +29,6 @@ HEARTBEAT_SECONDS = 30
 GRACE_BEATS = 4  # a trial is stale after this many heartbeats missed: 120 s with the default
 STORAGE_ATTEMPTS = 5
 
-__all__ = ["DEFAULT_SETTING", "GRACE_BEATS", "HEARTBEAT_SECONDS", "open_storage", "poll", "storage_url"]
 DEFAULT_SETTING = "the default storage"
 T = TypeVar("T")
 
@@ -102,13 +101,12 @@ def open_storage(
                 heartbeat_stale_trial_callback=on_stale,
             )
         except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a dead server
-            if _creation_race(error) and attempt < STORAGE_ATTEMPTS:
-                attempt += 1
-                time.sleep(1.0)  # the other worker's tables are there now
-                continue
-            cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
-            reason = (str(cause).strip().splitlines() or [type(error).__name__])[0]
-            raise TrackingError(
-                f"the Optuna storage {redacted(url)} cannot be opened ({database.hide_password(reason, url)}); "
-                "fix --storage or OPTUNA_STORAGE."
-            ) from None
+            if not _creation_race(error) or attempt == STORAGE_ATTEMPTS:
+                cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
+                reason = (str(cause).strip().splitlines() or [type(error).__name__])[0]
+                raise TrackingError(
+                    f"the Optuna storage {redacted(url)} cannot be opened ({redacted(reason, url)}); "
+                    "fix --storage or OPTUNA_STORAGE."
+                ) from None
+            attempt += 1
+            time.sleep(1.0)  # the other worker's tables are there now

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from pipeline import recipe, tracking
 from pipeline.config import Params
 from pipeline.errors import ConfigError, PipelineError, Terminated, TrackingError
-from pipeline.tracking.store import STORE_FIX
 from pipeline.tune.space import SET_SOURCE, SearchSpace, describe, trial_params
 from pipeline.tune.storage import HEARTBEAT_SECONDS, open_storage, poll
 
@@ -34,23 +33,18 @@ PARENT_WAIT_SECONDS = 120.0
 PRUNER_STARTUP_TRIALS = 5
 
 
-def trial_seed(seed: int, study: str, number: int) -> int:
-    """The seed of the random draws of trial `number` of `study`: distinct per study and trial, the same
-    every time for the same `--seed`."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, zlib.crc32(study.encode()), number]).generate_state(1)[0])
-
-
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """TPE with the constant liar, reseeded before each trial from `(seed, study name, trial number)`."""
+    """TPE with the constant liar, reseeded before each trial from `(seed, study name, trial number)`: a
+    trial's draws are distinct per study and trial, the same every time for the same `--seed`."""
+    import numpy as np
     from optuna.samplers import TPESampler
 
     class TrialSeededTPE(TPESampler):
         def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
             super().before_trial(study, trial)
+            entropy = [seed, zlib.crc32(study.study_name.encode()), trial.number]
+            state = int(np.random.SeedSequence(entropy).generate_state(1)[0])
             # TPE and its random start-up sampler each hold one RandomState (Optuna 5; pinned <6)
-            state = trial_seed(seed, study.study_name, trial.number)
             self._rng.rng.seed(state)
             self._random_sampler._rng.rng.seed(state)
 
@@ -95,11 +89,11 @@ def _create_parent(
     study: optuna.Study, experiment_id: str, space: SearchSpace, base: Params, tags: dict[str, str]
 ) -> str:
     name = study.study_name
-    with tracking.store_errors(f"creating the parent run of study {name}", STORE_FIX):
+    with tracking.store_errors(f"creating the parent run of study {name}"):
         run_id = tracking.create_run(experiment_id, name, tags={"optuna.study": name, **tags})
         context = recipe.apply(base, space.fixed, SET_SOURCE).flat()
         params = {key: value for key, value in context.items() if key not in space.distributions}
-        params |= {f"search.{key}": space.describe(key) for key in space.distributions}
+        params |= {f"search.{key}": describe(space.distributions[key]) for key in space.distributions}
         tracking.log_run(run_id, params=params)
     study.set_user_attr(DEFINITION_ATTR, space.definition())
     study.set_user_attr(PARENT_ATTR, run_id)
@@ -110,8 +104,8 @@ def _check_definition(study: optuna.Study, space: SearchSpace) -> None:
     """A resumed study may change its space or fixed values (noted), not a parameter's kind or choices."""
     from optuna.distributions import check_distribution_compatibility, json_to_distribution
 
-    before = study.user_attrs.get(DEFINITION_ATTR)
-    if not before or before == json.loads(json.dumps(space.definition())):
+    before, now = study.user_attrs.get(DEFINITION_ATTR), json.loads(json.dumps(space.definition()))
+    if not before or before == now:
         return
     for key, old in before["space"].items():
         if key in space.distributions:
@@ -121,20 +115,20 @@ def _check_definition(study: optuna.Study, space: SearchSpace) -> None:
             except ValueError:
                 raise ConfigError(
                     f"study {study.study_name} searched {key} as {describe(started)}, not "
-                    f"{space.describe(key)}; a study cannot change a key's kind, log scale or choices: restore that "
-                    "entry, or start another --study."
+                    f"{describe(space.distributions[key])}; a study cannot change a key's kind, log scale or "
+                    "choices: restore that entry, or start another --study."
                 ) from None
-    changed = sorted(
+    changed = {
         key
-        for key in {*before["space"], *space.distributions, *before["fixed"], *space.fixed}
-        if before["space"].get(key) != space.definition()["space"].get(key)
-        or before["fixed"].get(key) != space.fixed.get(key)
-    )
+        for part in ("space", "fixed")
+        for key in {*before[part], *now[part]}
+        if before[part].get(key) != now[part].get(key)
+    }
     log.warning(
         "note: study %s started with another search space or fixed values (%s differ); its earlier trials "
         "were drawn from that one, the new trials from this one.",
         study.study_name,
-        ", ".join(changed),
+        ", ".join(sorted(changed)),
     )
 
 
@@ -154,11 +148,9 @@ def open_study(
     from optuna.study import StudyDirection
 
     storage = open_storage(url, close_stale_run, heartbeat)
-    try:
-        storage.create_new_study([StudyDirection.MAXIMIZE], name)
-        created = True
-    except DuplicatedStudyError:
-        created = False
+    created: int | None = None  # the new study's id, if this worker creates it
+    with contextlib.suppress(DuplicatedStudyError):
+        created = storage.create_new_study([StudyDirection.MAXIMIZE], name)
     study = optuna.load_study(
         study_name=name, storage=storage, sampler=make_sampler(seed), pruner=make_pruner(space, base)
     )
@@ -166,26 +158,31 @@ def open_study(
         raise ConfigError(
             f"study {name} in {tracking.redacted(url)} is not a maximization made by mnist-tune; use another --study."
         )
-    if created:
-        try:
-            parent = _create_parent(study, experiment_id, space, base, tags)
-        except BaseException:  # refused (a user who may only read): no study left waiting for a parent run
-            with contextlib.suppress(Exception):
-                storage.delete_study(storage.get_study_id_from_name(name))
-            raise
-    else:
+    if created is None:
         _check_definition(study, space)
-        found = poll(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_SECONDS, 0.5)
-        if found is None:  # its creator stopped between creating the study and its run
+        parent = poll(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_SECONDS, 0.5)
+        if parent is None:  # its creator stopped between creating the study and its run
             log.warning("note: study %s had no MLflow parent run; this worker creates it.", name)
-            found = _create_parent(study, experiment_id, space, base, tags)
-        parent = found
+            parent = _create_parent(study, experiment_id, space, base, tags)
         if not tracking.run_exists(parent):
             raise TrackingError(
                 f"the MLflow parent run {parent} of study {name} is not in the store {tracking.shown_store()}; "
                 "point MLFLOW_TRACKING_URI at the store the study started with, or use another --study."
             )
+    else:
+        try:
+            parent = _create_parent(study, experiment_id, space, base, tags)
+        except BaseException:  # refused (a user who may only read): no study left waiting for a parent run
+            with contextlib.suppress(Exception):
+                storage.delete_study(created)
+            raise
     return Study(study, storage, parent, experiment_id)
+
+
+def closing(what: str) -> contextlib.AbstractContextManager[None]:
+    """`tracking.store_errors` for a cleanup; while an error is already on its way out, the store's
+    own error is silenced instead, so that it does not hide that one."""
+    return contextlib.suppress(Exception) if sys.exc_info()[0] else tracking.store_errors(what)
 
 
 def trial_run(shared: Study, number: int, tags: dict[str, str]) -> str:
@@ -199,14 +196,6 @@ def trial_run(shared: Study, number: int, tags: dict[str, str]) -> str:
     )
     shared.runs[number] = run_id
     return run_id
-
-
-def mark_failed(shared: Study, trial: optuna.Trial) -> None:
-    """Record a trial FAIL that Optuna would leave RUNNING (it re-raises SIGTERM's exception untouched)."""
-    from optuna.trial import TrialState
-
-    with contextlib.suppress(Exception):
-        shared.storage.set_trial_state_values(shared.trial_id(trial.number), TrialState.FAIL)
 
 
 def close_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -223,12 +212,13 @@ def make_objective(
 ) -> Callable[[optuna.Trial], float]:
     """Train one trial (in a fresh process), recorded in its own MLflow child run, pruned when clearly behind."""
     import optuna
+    from optuna.trial import TrialState
 
     def objective(trial: optuna.Trial) -> float:
         from pipeline.fit import final_figures
         from pipeline.tune.apart import fit_apart
 
-        with tracking.store_errors(f"creating the run of trial {trial.number}", STORE_FIX):
+        with tracking.store_errors(f"creating the run of trial {trial.number}"):
             # host and pid: the next pipeline run on this host ends it KILLED if this worker is killed
             # outright (tracking.end_orphaned_runs); the next worker fails it (heartbeat)
             run_id = trial_run(shared, trial.number, {**tags, **tracking.process_tags()})
@@ -236,7 +226,7 @@ def make_objective(
         status, state, reason = "FAILED", "FAIL", ""
 
         def on_epoch(result: EpochResult) -> None:
-            with tracking.store_errors(f"logging epoch {result.epoch} of trial {trial.number}", STORE_FIX):
+            with tracking.store_errors(f"logging epoch {result.epoch} of trial {trial.number}"):
                 tracking.log_history(run_id, [result])
             trial.report(result.metrics["val_accuracy"], result.epoch)
             if trial.should_prune():
@@ -246,12 +236,12 @@ def make_objective(
             params = trial_params(base, space, trial)
             flat = params.flat()
             trial.set_user_attr("params", flat)
-            with tracking.store_errors(f"logging the parameters of trial {trial.number}", STORE_FIX):
+            with tracking.store_errors(f"logging the parameters of trial {trial.number}"):
                 tracking.log_run(run_id, params=flat)
             with tracking.system_metrics(run_id):
                 history, seconds = fit_apart(params, on_epoch)
             final = final_figures(history)
-            with tracking.store_errors(f"logging trial {trial.number}", STORE_FIX):
+            with tracking.store_errors(f"logging trial {trial.number}"):
                 tracking.log_run(run_id, metrics={**final, "train_seconds": seconds})
             status, state = "FINISHED", "COMPLETE"
             return final["val_accuracy"]
@@ -259,23 +249,20 @@ def make_objective(
             status, state = "KILLED", "PRUNED"
             raise
         except KeyboardInterrupt:
-            status, reason = "FAILED", "INTERRUPTED"
+            reason = "INTERRUPTED"
             raise
-        except Terminated:
-            status, reason = "FAILED", "TERMINATED"
-            mark_failed(shared, trial)
+        except Terminated:  # Optuna re-raises SIGTERM's exception untouched, leaving the trial RUNNING
+            reason = "TERMINATED"
+            with contextlib.suppress(Exception):
+                shared.storage.set_trial_state_values(shared.trial_id(trial.number), TrialState.FAIL)
             raise
         except Exception as error:
             reason = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
             trial.set_user_attr("fail_reason", reason[:1000])
             raise
         finally:
-            closing = {"optuna.state": state} | ({"optuna.fail_reason": reason[:5000]} if reason else {})
-            if sys.exc_info()[0] is None:
-                with tracking.store_errors(f"closing the run of trial {trial.number}", STORE_FIX):
-                    tracking.end_run(run_id, status, closing)
-            else:  # already failing: do not hide that error behind the store's
-                with contextlib.suppress(Exception):
-                    tracking.end_run(run_id, status, closing)
+            ending = {"optuna.state": state} | ({"optuna.fail_reason": reason[:5000]} if reason else {})
+            with closing(f"closing the run of trial {trial.number}"):
+                tracking.end_run(run_id, status, ending)
 
     return objective

@@ -45,24 +45,17 @@ class Workers:
     ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
     _seen: dict[str, tuple[Any, float]] = field(default_factory=dict)  # others' counts, and since when
 
     def _write(self) -> None:
         record = {**tracking.process_tags(), "beats": self.beats, "ended": self.ended}
         self.storage.set_study_user_attr(self.study_id, self.key, record)
 
-    def records(self) -> dict[str, dict[str, Any]]:
-        """Every worker's record, this one's included."""
-        attrs = self.storage.get_study_user_attrs(self.study_id)
-        return {key: value for key, value in attrs.items() if key.startswith(RECORD_PREFIX)}
-
     def join(self) -> None:
         """Register as live, make the parent run RUNNING, and keep the record's heartbeat."""
         self._write()
         self.settle()
-        self._thread = threading.Thread(target=self._beat, name=f"{self.key}-beat", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._beat, name=f"{self.key}-beat", daemon=True).start()
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_SECONDS):
@@ -82,29 +75,25 @@ class Workers:
         return self.settle()
 
     def live_others(self) -> list[str]:
-        """The other workers that are live: records not ended whose process is not known dead. Leaving,
-        a record from another host is watched until its count rises (live) or stands still for the
-        grace period (dead)."""
+        """The other workers that are live (asked once this one has left): records not ended whose
+        process is not known dead. A record from another host is watched until its count rises (live)
+        or stands still for the grace period (dead)."""
         here = tracking.process_tags()["host"]
         told = False
         while True:
             live, unsure = [], []
-            for key, record in self.records().items():
-                if key == self.key or record.get("ended") or tracking.process_ended(record):
+            for key, record in self.storage.get_study_user_attrs(self.study_id).items():
+                if not key.startswith(RECORD_PREFIX) or key == self.key:
                     continue
-                if self.ended and record.get("host") != here:
-                    beats, since = self._seen.get(key, (None, time.monotonic()))
-                    if record.get("beats") != beats:  # first seen, or risen since: live (for now)
-                        self._seen[key] = (record.get("beats"), time.monotonic())
-                        if beats is None:
-                            unsure.append(key)
-                            continue
-                    elif time.monotonic() - since < GRACE_SECONDS:
-                        unsure.append(key)
-                        continue
-                    else:
-                        continue  # its count stood still for the grace period: dead
-                live.append(key)
+                if record.get("ended") or tracking.process_ended(record):
+                    continue
+                beats, now = record.get("beats"), time.monotonic()
+                seen, since = self._seen.setdefault(key, (beats, now))  # first seen: unsure
+                if record.get("host") == here or beats != seen:  # alive here, or its count rose: live (for now)
+                    self._seen[key] = (beats, now)
+                    live.append(key)
+                elif now - since < GRACE_SECONDS:
+                    unsure.append(key)
             if not unsure:
                 return live
             if not told:
