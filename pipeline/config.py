@@ -26,7 +26,6 @@ OFFLINE_DIR = Path("data/offline")
 CHECKSUMS_FILE = OFFLINE_DIR / "SHA256SUMS"
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
-SPLITS = ("train", "validation", "test")
 MODEL_FILE = Path("models/model.keras")
 TRAIN_METRICS = Path("metrics/train.json")
 TEST_METRICS = Path("metrics/test.json")
@@ -70,15 +69,6 @@ def project_root(start: Path | None = None) -> Path:
 def prepared_file(split: str) -> Path:
     """The .npz file of one split (`train`, `validation` or `test`)."""
     return PREPARED_DIR / f"{split}.npz"
-
-
-# What each stage writes (outs and metrics in dvc.yaml): a stage replaces all of them or none.
-STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
-    "download": tuple(RAW_DIR / name for name in MNIST_FILES),
-    "prepare": tuple(prepared_file(split) for split in SPLITS),
-    "train": (MODEL_FILE, CURVES_FILE, HISTORY_FILE, TRAIN_METRICS, RUN_FILE),
-    "evaluate": (REPORT_FILE, CONFUSION_FILE, CONFUSION_PNG, MISTAKES_PNG, TEST_METRICS),
-}
 
 
 class _Section(BaseModel):

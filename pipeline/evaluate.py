@@ -33,6 +33,7 @@ log = logging.getLogger("pipeline.evaluate")
 # metrics/test.json: what `dvc exp show` compares, as few columns as fit a 120-column terminal beside the
 # params changed; MLflow holds every score (`test_macro_f1`, ...), metrics/classification_report.json each class.
 COMPARED = ("accuracy", "log_loss")
+_AVERAGED = (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))  # our name, the report's
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
@@ -41,20 +42,17 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
 
     predicted = probabilities.argmax(axis=1)
     classes = list(range(probabilities.shape[1]))
+    report = metrics.classification_report(labels, predicted, labels=classes, output_dict=True, zero_division=0)
     result: dict[str, Any] = {
-        "accuracy": metrics.accuracy_score(labels, predicted),
-        "log_loss": metrics.log_loss(labels, probabilities, labels=classes),
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "log_loss": float(metrics.log_loss(labels, probabilities, labels=classes)),
     }
+    # the report's macro and weighted averages are precision_recall_fscore_support's, as floats
     for average in ("macro", "weighted"):
-        precision, recall, f1, _ = metrics.precision_recall_fscore_support(
-            labels, predicted, labels=classes, average=average, zero_division=0
-        )
-        result |= {f"{average}_precision": precision, f"{average}_recall": recall, f"{average}_f1": f1}
-    result = {key: float(value) for key, value in result.items()}
+        figures = report[f"{average} avg"]
+        result |= {f"{average}_{name}": figures[key] for name, key in _AVERAGED}
     result["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes)
-    result["report"] = metrics.classification_report(
-        labels, predicted, labels=classes, output_dict=True, zero_division=0
-    )
+    result["report"] = report
     result["report_text"] = metrics.classification_report(labels, predicted, labels=classes, digits=4, zero_division=0)
     return result
 

@@ -93,26 +93,20 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """A constant rate, or cosine decay to zero after a linear warm-up from zero."""
-    import keras
-
-    if params.schedule == "constant":
-        return params.learning_rate
-    warmup = params.warmup_epochs * steps_per_epoch
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else params.learning_rate,
-        decay_steps=params.epochs * steps_per_epoch - warmup,
-        warmup_target=params.learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-
-
 def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The optimizer of params.yaml; `sgd` with no momentum is plain gradient descent, as in the reference."""
+    """The optimizer of params.yaml; `sgd` with no momentum is plain gradient descent, as in the reference.
+    Its rate is constant, or decays along a cosine to zero after a linear warm-up from zero."""
     import keras
 
-    rate = learning_rate(params, steps_per_epoch)
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
+    if params.schedule == "cosine":
+        warmup = params.warmup_epochs * steps_per_epoch
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else params.learning_rate,
+            decay_steps=params.epochs * steps_per_epoch - warmup,
+            warmup_target=params.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
     decay = params.weight_decay or None  # None, not 0: no decay step in the graph at all
     if params.optimizer == "sgd":
         return keras.optimizers.SGD(rate, momentum=params.momentum, nesterov=params.nesterov, weight_decay=decay)
@@ -265,18 +259,6 @@ def as_tensor(array: np.ndarray) -> Any:
     return tf.constant(array)
 
 
-def check_finite(result: EpochResult, params: TrainParams) -> None:
-    """A NaN or infinite loss means the weights are ruined: stop, never hand on such a model."""
-    train_loss, val_loss = result.metrics["train_loss"], result.metrics["val_loss"]
-    if math.isfinite(train_loss) and math.isfinite(val_loss):
-        return
-    raise DivergedError(
-        f"training diverged: the loss is {train_loss} (validation {val_loss}) after epoch "
-        f"{result.epoch}; lower train.learning_rate (now {params.learning_rate}), or use fewer or smaller "
-        "hidden layers. Nothing was saved or registered."
-    )
-
-
 def fit(
     model_params: ModelParams,
     train_params: TrainParams,
@@ -304,7 +286,13 @@ def fit(
         elapsed = time.perf_counter() - started
         seconds += elapsed
         timing.record("first epoch (XLA compilation or its cache)" if epoch == 1 else "other epochs", elapsed)
-        check_finite(result, train_params)
+        train_loss, val_loss = result.metrics["train_loss"], result.metrics["val_loss"]
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # the weights are ruined: never hand them on
+            raise DivergedError(
+                f"training diverged: the loss is {train_loss} (validation {val_loss}) after epoch "
+                f"{epoch}; lower train.learning_rate (now {train_params.learning_rate}), or use fewer or smaller "
+                "hidden layers. Nothing was saved or registered."
+            )
         history.append(result)
         if on_epoch:
             on_epoch(result)

@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -164,7 +164,7 @@ ALIGNMENT = 64  # what TensorFlow needs to use an array's memory without copying
 
 def _read_npy_aligned(archive: zipfile.ZipFile, member: str) -> np.ndarray:
     """One .npy member read straight into a 64-byte aligned buffer, 1 MiB at a time (no whole-array temporary)."""
-    with archive.open(member) as handle:
+    with cast(zipfile.ZipExtFile, archive.open(member)) as handle:  # typed as IO[bytes], which lacks readinto
         version = np.lib.format.read_magic(handle)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(handle)
@@ -173,12 +173,9 @@ def _read_npy_aligned(archive: zipfile.ZipFile, member: str) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         raw = np.empty(nbytes + ALIGNMENT, np.uint8)
         start = -raw.ctypes.data % ALIGNMENT
-        target = raw[start : start + nbytes].data
-        done = 0
-        while done < nbytes:
-            chunk = handle.read(min(1 << 20, nbytes - done))
-            if not chunk:
+        array = raw[start : start + nbytes]
+        for done in range(0, nbytes, 1 << 20):
+            part = array[done : done + (1 << 20)]
+            if handle.readinto(part.data) < len(part):  # a zip member reads short only at its end
                 raise EOFError("truncated array")
-            target[done : done + len(chunk)] = chunk
-            done += len(chunk)
-        return raw[start : start + nbytes].view(dtype).reshape(shape, order="F" if fortran else "C")
+        return array.view(dtype).reshape(shape, order="F" if fortran else "C")

@@ -71,11 +71,10 @@ def changed_params(flat: dict[str, Any], params_file: Path) -> list[str]:
     if not isinstance(document, dict):
         return []
     committed = flatten(document)
-    missing = object()  # a key the committed file lacks differs whatever its value
     return [
         f"{key}={value if isinstance(value, str) else json.dumps(value)}"
         for key, value in flat.items()
-        if committed.get(key, missing) != value
+        if key not in committed or committed[key] != value
     ]
 
 

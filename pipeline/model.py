@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -137,24 +138,21 @@ def save(model: keras.Model, path: Path) -> None:
     metadata = json.loads(entries["metadata.json"])
     metadata.pop("date_saved", None)
     entries["metadata.json"] = json.dumps(metadata, sort_keys=True).encode()
-    entries["config.json"] = json.dumps(canonical_ids(json.loads(entries["config.json"]))).encode()
+    entries["config.json"] = canonical_ids(entries["config.json"].decode()).encode()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for name, data in entries.items():
             archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
-def canonical_ids(config: Any, ids: dict[int, int] | None = None) -> Any:
-    """`config` with every `shared_object_id` (a memory address) replaced by 1, 2, ... in order of first
-    appearance: the same sharing, the same numbers in every process."""
-    ids = {} if ids is None else ids
-    if isinstance(config, dict):
-        return {
-            key: ids.setdefault(value, len(ids) + 1) if key == "shared_object_id" else canonical_ids(value, ids)
-            for key, value in config.items()
-        }
-    if isinstance(config, list):
-        return [canonical_ids(value, ids) for value in config]
-    return config
+def canonical_ids(config: str) -> str:
+    """`config` (the JSON text Keras writes) with every `shared_object_id` (a memory address) replaced by
+    1, 2, ... in order of first appearance: the same sharing, the same numbers in every process."""
+    ids: dict[str, int] = {}
+    return re.sub(
+        r'"shared_object_id": (\d+)',
+        lambda found: f'"shared_object_id": {ids.setdefault(found[1], len(ids) + 1)}',
+        config,
+    )
 
 
 def with_softmax(model: keras.Model) -> keras.Model:

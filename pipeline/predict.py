@@ -98,7 +98,7 @@ def _read_stream(fd: int, path: Path, kind: str) -> bytes:
     data = bytearray()
     poller = select.poll()  # poll(2), not epoll: epoll refuses devices such as /dev/zero, always readable
     poller.register(fd, select.POLLIN)
-    while True:
+    while len(data) <= MAX_STREAM_BYTES:
         if not poller.poll(STREAM_WAIT * 1000):
             given = f"gave {len(data)} bytes, then nothing" if data else "gave no data"
             raise DataError(
@@ -112,11 +112,10 @@ def _read_stream(fd: int, path: Path, kind: str) -> bytes:
         if not chunk:
             return bytes(data)
         data += chunk
-        if len(data) > MAX_STREAM_BYTES:
-            raise DataError(
-                f"{shown(path)} is {kind} that gave more than {MAX_STREAM_BYTES >> 20} MiB without ending; "
-                "pass a PNG or JPEG image of one digit."
-            )
+    raise DataError(
+        f"{shown(path)} is {kind} that gave more than {MAX_STREAM_BYTES >> 20} MiB without ending; "
+        "pass a PNG or JPEG image of one digit."
+    )
 
 
 @contextmanager
@@ -196,8 +195,9 @@ def load_model(uri: str) -> tuple[Classifier, str]:
     if uri.endswith(".keras"):
         from pipeline import model
 
-        network = model.load(Path(uri))  # a wrong path fails before TensorFlow's start-up
-        _quiet_keras()
+        # a wrong path fails before TensorFlow's start-up, which `model.load` filters; calling the network
+        # (not `predict`) shows no progress bar on stdout
+        network = model.load(Path(uri))
         return (lambda x: model.probabilities(network, x)), shown(Path(uri))
     loaded, name = tracking.load_model(uri, before_load=_quiet_keras)
 
@@ -259,15 +259,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated fields")
     args = parser.parse_args(argv)
-    failed: list[DataError] = []
-
-    def skip(error: DataError) -> None:
-        report(error)  # at once: the model load that follows may take seconds
-        failed.append(error)
-
-    for prediction in classify(args.images, args.model, on_error=skip):
+    # each failure is reported at once (the model load that follows may take seconds) and left out
+    predictions = classify(args.images, args.model, on_error=report)
+    for prediction in predictions:
         print(record(prediction, args.json))
-    if failed:
+    if len(predictions) < len(args.images):
         sys.exit(1)  # each failure has had its line
 
 

@@ -37,7 +37,7 @@ def phase(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - started
+        record(name, time.perf_counter() - started)
 
 
 def record(name: str, seconds: float) -> None:

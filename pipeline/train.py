@@ -7,8 +7,7 @@ after the MLflow run holds everything: a failure anywhere leaves the previous ou
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline import io, lineage, quiet, timing
@@ -28,18 +27,6 @@ from pipeline.errors import run_stage
 from pipeline.fit import EpochResult, Fitted, final_figures, fit
 
 log = logging.getLogger("pipeline.train")
-
-
-@contextmanager
-def progress(epochs: int) -> Iterator[Callable[[EpochResult], None]]:
-    """A progress bar on a terminal, one quiet line per epoch in logs."""
-    with quiet.progress(epochs, "train", "epoch") as step:
-
-        def report(result: EpochResult) -> None:
-            figures = " ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
-            step(f"epoch {result.epoch}/{epochs}: {figures}", figures, False)
-
-        yield report
 
 
 def history_csv(history: list[EpochResult]) -> str:
@@ -73,13 +60,14 @@ def train(params: Params) -> Fitted:
             datasets = tracking.log_datasets({"train": train_set, "validation": validation}, "training", digests)
         with (
             tracking.live_history(run_id) as send,
-            progress(params.train.epochs) as report,
+            quiet.progress(params.train.epochs, "train", "epoch") as step,  # a bar, or a line per epoch in logs
             runtime.cache_errors_explained(),
         ):
 
             def on_epoch(result: EpochResult) -> None:
                 send(result)  # first: an epoch's line shows once the previous epoch's metrics are in the store
-                report(result)
+                figures = " ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+                step(f"epoch {result.epoch}/{params.train.epochs}: {figures}", figures, False)
 
             fitted = fit(params.model, params.train, train_set, validation, on_epoch=on_epoch)
         log.info(

@@ -193,6 +193,9 @@ def on_first_screen(page: Page, selector: str) -> bool:
     size = page.viewport_size or VIEWPORT
     if not box:
         return False
-    return box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= size["width"] and (
-        box["y"] + box["height"] <= size["height"]
+    return (
+        box["x"] >= 0
+        and box["y"] >= 0
+        and box["x"] + box["width"] <= size["width"]
+        and (box["y"] + box["height"] <= size["height"])
     )

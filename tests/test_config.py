@@ -19,13 +19,22 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from workspace import REPO
 
 from pipeline.config import (
+    CONFUSION_FILE,
+    CONFUSION_PNG,
+    CURVES_FILE,
+    HISTORY_FILE,
+    MISTAKES_PNG,
+    MNIST_FILES,
+    MODEL_FILE,
+    RAW_DIR,
+    REPORT_FILE,
     RUN_FILE,
-    STAGE_OUTPUTS,
     TEST_METRICS,
     TRAIN_METRICS,
     DownloadParams,
     Params,
     load_params,
+    prepared_file,
     project_root,
     validate_params,
 )
@@ -403,6 +412,15 @@ def test_inconsistent_training_knobs_are_explained(tmp_path: Path, changes: dict
         load_params(write_params(tmp_path, document))
     assert str(caught.value).startswith(f"{tmp_path / 'params.yaml'}: {message}")
     assert "{" not in str(caught.value), "the section's values are not dumped into the message"
+
+
+# What each stage writes, through the paths of pipeline/config.py (outs and metrics in dvc.yaml).
+STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
+    "download": tuple(RAW_DIR / name for name in MNIST_FILES),
+    "prepare": tuple(prepared_file(split) for split in ("train", "validation", "test")),
+    "train": (MODEL_FILE, CURVES_FILE, HISTORY_FILE, TRAIN_METRICS, RUN_FILE),
+    "evaluate": (REPORT_FILE, CONFUSION_FILE, CONFUSION_PNG, MISTAKES_PNG, TEST_METRICS),
+}
 
 
 def test_paths_in_dvc_yaml_are_the_ones_the_stages_write() -> None:

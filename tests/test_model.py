@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_shared_object_ids_are_numbered_in_order_not_by_address() -> None:
         "b": [{"shared_object_id": 99}, {"x": 1}],
         "c": {"shared_object_id": 140032288147280},
     }
-    assert canonical_ids(config) == {
+    assert json.loads(canonical_ids(json.dumps(config))) == {
         "a": {"shared_object_id": 1},
         "b": [{"shared_object_id": 2}, {"x": 1}],
         "c": {"shared_object_id": 1},

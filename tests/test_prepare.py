@@ -38,7 +38,11 @@ def test_read_idx_round_trips(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"<html>not found</html>", "not an unsigned-byte IDX"), (bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]), "truncated")],
+    [
+        (b"<html>not found</html>", "not an unsigned-byte IDX"),
+        (bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]), "truncated"),
+        (bytes([0, 0, 8, 3, 0, 0, 0, 2, 0]), "truncated"),  # the header itself is cut short
+    ],
 )
 def test_read_idx_rejects_bad_files(tmp_path: Path, content: bytes, reason: str) -> None:
     (tmp_path / "bad").write_bytes(content)

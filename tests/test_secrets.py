@@ -18,7 +18,10 @@ from pipeline.secrets import redacted
         ("http://alice:s3cret@127.0.0.1:9", "http://alice:***@127.0.0.1:9"),
         ("https://alice:s3cret@mlflow.example/api/2.0/x?y=1", "https://alice:***@mlflow.example/api/2.0/x?y=1"),
         ("https://ghp_T0KEN@mlflow.example", "https://***@mlflow.example"),  # a token as the user name
-        ("postgresql+psycopg2://bob:pw@db.internal:5432/optuna", "postgresql+psycopg2://bob:***@db.internal:5432/optuna"),
+        (
+            "postgresql+psycopg2://bob:pw@db.internal:5432/optuna",
+            "postgresql+psycopg2://bob:***@db.internal:5432/optuna",
+        ),
         ("http://alice:a/b+c@d=@host:9/x", "http://alice:***@host:9/x"),  # base64 holds "/" and "@"
         ("https://host/x?token=abc&n=1&X-Amz-Signature=f00", "https://host/x?token=***&n=1&X-Amz-Signature=***"),
         ("sqlite:////home/me@corp/repo/mlflow.db?timeout=60", "sqlite:////home/me@corp/repo/mlflow.db?timeout=60"),

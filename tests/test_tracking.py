@@ -171,6 +171,21 @@ def test_finished_run_lands_in_the_experiment(store: str) -> None:
     assert mlflow.get_experiment(run.info.experiment_id).name == tracking.EXPERIMENT
 
 
+def test_a_store_failing_to_open_the_experiment_is_one_line(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+
+    def outdated(name: str) -> None:
+        raise MlflowException("Detected out-of-date database schema (found version x).\nRun `mlflow db upgrade`.")
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", outdated)
+    with pytest.raises(TrackingError) as raised:
+        tracking.connect()
+    assert str(raised.value) == (
+        f"opening the experiment {tracking.EXPERIMENT} in the MLflow store {store} failed (MlflowException: "
+        "Detected out-of-date database schema (found version x).); check MLFLOW_TRACKING_URI."
+    )
+
+
 def test_experiment_says_its_kind_and_holds_the_accuracy_view_also_when_it_existed(store: str) -> None:
     view_tag = f"mlflow.sharedViewState.{tracking.store.VIEW}"
     experiment_id = tracking.connect()  # a new store: created with its tags

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import TrackingError, first_line
 from pipeline.model import HOLDS_CODE, holds_code
 from pipeline.secrets import redacted
-from pipeline.tracking.store import check_reachable, mlflow_client, mlflow_module, sqlite_path, tracking_uri
+from pipeline.tracking.store import check_reachable, mlflow_client, mlflow_module, sqlite_path, tracking_uri, use_store
 
 REGISTERED_MODEL = "mnist-bn-mlp"
 CHAMPION = "champion"
@@ -93,17 +93,6 @@ def logged_model_id(run_id: str) -> str | None:
     return str(models[-1].model_id) if models else None
 
 
-def link_metrics(run_id: str, model_id: str, keys: tuple[str, ...], dataset: Any) -> None:
-    """Link the run's last value of each metric to its model, with the dataset (an MLflow Dataset) it
-    was measured on. Same timestamp and step as the run's own point: the run's history gains none."""
-    client = mlflow_client()
-    for key in keys:
-        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        mlflow_module().log_metric(
-            key, last.value, step=last.step, timestamp=last.timestamp, model_id=model_id, dataset=dataset
-        )
-
-
 def _provenance(run_id: str, changed: list[str]) -> str:
     """The registered version's description: the run, commit and params that made it, what chose it."""
     run = mlflow_client().get_run(run_id)
@@ -156,7 +145,11 @@ def log_model(model: Any, example: Any, validation: Any, changed: list[str]) -> 
             )
     client = mlflow_client()
     client.set_logged_model_tags(info.model_id, {"mlflow.note.content": serving.description(SIDE, CLASSES)})
-    link_metrics(run_id, info.model_id, ("val_accuracy", "val_loss"), validation)
+    for key in ("val_accuracy", "val_loss"):  # the run's last value, with its step and timestamp: no new point
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        mlflow.log_metric(
+            key, last.value, step=last.step, timestamp=last.timestamp, model_id=info.model_id, dataset=validation
+        )
     version = str(info.registered_model_version)
     client.update_model_version(REGISTERED_MODEL, version, description=_provenance(run_id, changed))
     return version
@@ -175,9 +168,7 @@ def load_model(uri: str, before_load: Callable[[], None] = lambda: None) -> tupl
             f"there is no MLflow store at {database}; run `dvc repro` to train and register a model, "
             "set MLFLOW_TRACKING_URI, or pass --model models/model.keras."
         )
-    mlflow = mlflow_module()
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    mlflow = use_store(store)
     shown = redacted(uri)
     try:
         if alias := re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", uri):

@@ -12,6 +12,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,6 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
     experiment_id = connect()
     mlflow = mlflow_module()
     tags = {**(start_kwargs.pop("tags", None) or {}), **process_tags()}
-    client = mlflow_client()
     with store_errors("starting the run", after="Nothing was changed"):
         end_orphaned_runs(experiment_id)
         earlier = run_status(run_id) if run_id else None
@@ -105,22 +105,18 @@ def run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[str]:
             **start_kwargs,
         )
 
-    def end(status: str, reason: str) -> bool:
-        """End the run as `status` (a resumed one as it was); False if the store failed that too."""
-        try:
-            if earlier:
-                client.set_tag(active.info.run_id, "resume_failed", reason)
-            mlflow.end_run(earlier or status)
-        except store_failures():
-            return False  # the store itself is failing: the error being raised says so
-        return True
-
     try:
         yield active.info.run_id
     except BaseException as error:
         interrupted = isinstance(error, (KeyboardInterrupt, Terminated))
+        ended = True
         with quick_requests(error):  # the store may be what failed
-            ended = end("KILLED", "interrupted") if interrupted else end("FAILED", first_line(error))
+            try:
+                if earlier:
+                    mlflow.set_tag("resume_failed", "interrupted" if interrupted else first_line(error))
+                mlflow.end_run(earlier or ("KILLED" if interrupted else "FAILED"))
+            except store_failures():
+                ended = False  # the store itself is failing: the error being raised says so
         if not isinstance(error, store_failures()):
             raise
         # the stage's own file errors are PipelineErrors already: what is left is the store failing
@@ -171,22 +167,24 @@ def log_params(flat: dict[str, Any]) -> None:
 def log_files(files: dict[Path, bytes | str]) -> None:
     """Artifacts of the active run, by file name at the run's artifact root (`confusion.png`): MLflow's
     page comparing runs shows side by side only the files there."""
-    mlflow = mlflow_module()
     with tempfile.TemporaryDirectory() as folder:
         for path, content in files.items():
             local = Path(folder) / path.name
             local.write_bytes(content.encode() if isinstance(content, str) else content)  # text as UTF-8
-            mlflow.log_artifact(str(local))
+        mlflow_module().log_artifacts(folder)
 
 
 CURVE = "epoch/"  # per-epoch keys: MLflow's run page draws a named section first, before the single figures
 
 
-def curve_points(result: Any, stamp: int) -> list[Any]:
-    """An `EpochResult`'s figures as MLflow metrics `epoch/<name>` at step = epoch."""
+def curve_points(history: Sequence[Any]) -> list[Any]:
+    """The figures of `EpochResult`s as MLflow metrics `epoch/<name>` at step = epoch, stamped now."""
     from mlflow.entities import Metric
 
-    return [Metric(f"{CURVE}{key}", value, stamp, result.epoch) for key, value in result.metrics.items()]
+    now = int(time.time() * 1000)
+    return [
+        Metric(f"{CURVE}{key}", value, now, result.epoch) for result in history for key, value in result.metrics.items()
+    ]
 
 
 @contextmanager
@@ -200,35 +198,28 @@ def live_history(run_id: str) -> Iterator[Callable[[Any], None]]:
     the next epoch with the store's error (`run` ends the run FAILED and says it in one line). Leaving
     the block waits for the last batch.
     """
-    if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`_written` raises them)
+    if not quiet.VERBOSE:  # its failures reach the user as the run's one error line (`written` raises them)
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
     client = mlflow_client()
-    in_flight: list[Any] = []  # the last batch's `RunOperations`
+    in_flight: list[Future[Any]] = []  # the last batch's writes
+
+    def written() -> None:
+        """Block until MLflow has written the last batch; raise the store's own error if it failed (where
+        `RunOperations.wait()` would fold every failure into one message of their reprs)."""
+        while in_flight:
+            in_flight.pop().result()
 
     def send(result: Any) -> None:
-        if in_flight:
-            _written(in_flight.pop())
-        metrics = curve_points(result, int(time.time() * 1000))
-        in_flight.append(client.log_batch(run_id, metrics=metrics, synchronous=False))
+        written()
+        in_flight.extend(client.log_batch(run_id, metrics=curve_points([result]), synchronous=False)._operation_futures)
 
     yield send
-    if in_flight:
-        _written(in_flight.pop())
-
-
-def _written(operations: Any) -> None:
-    """Block until MLflow has written an asynchronous batch; raise the store's own error if it failed
-    (`RunOperations.wait()` folds every failure into one message of their reprs)."""
-    for future in getattr(operations, "_operation_futures", None) or ():
-        future.result()
-    operations.wait()
+    written()
 
 
 def log_history(run_id: str, history: Sequence[Any]) -> None:
     """Per-epoch metrics of `EpochResult`s (`epoch/<name>`, step = epoch), sent in a few batched requests."""
-    now = int(time.time() * 1000)
-    metrics = [metric for result in history for metric in curve_points(result, now)]
-    mlflow_client().log_batch(run_id, metrics=metrics)  # in batches of MAX_METRICS_PER_BATCH, MLflow's limit
+    mlflow_client().log_batch(run_id, metrics=curve_points(history))  # in batches of MAX_METRICS_PER_BATCH
 
 
 def log_training(train_seconds: float, figures: dict[str, float], files: dict[Path, bytes | str]) -> None:
@@ -302,18 +293,20 @@ def log_run(
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+    client = mlflow_client()
     now = int(time.time() * 1000)
     texts = {key: str(value) for key, value in (params or {}).items()}
-    cut = f" ... (cut: the whole value is in the artifact {PARAMS_ARTIFACT} of this run)"
     if any(len(text) > MAX_PARAM_VAL_LENGTH for text in texts.values()):
-        mlflow_client().log_dict(run_id, params or {}, PARAMS_ARTIFACT)
-    mlflow_client().log_batch(
+        client.log_dict(run_id, params, PARAMS_ARTIFACT)
+        cut = f" ... (cut: the whole value is in the artifact {PARAMS_ARTIFACT} of this run)"
+        texts = {
+            key: text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(cut)] + cut
+            for key, text in texts.items()
+        }
+    client.log_batch(
         run_id,
         metrics=[Metric(key, value, now, step) for key, value in (metrics or {}).items()],
-        params=[
-            Param(key, text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(cut)] + cut)
-            for key, text in texts.items()
-        ],
+        params=[Param(key, text) for key, text in texts.items()],
         tags=[RunTag(key, value) for key, value in (tags or {}).items()],
     )
 

@@ -7,9 +7,8 @@ file, and runs it wherever the model is loaded (`mlflow models serve`, `mlflow.p
 MLflow's scoring server checks a request against the signature (float32 rows of pixels), not the
 values: NaN, infinity or 1e300 would each get ten NaN "probabilities" with HTTP 200. `predict` refuses
 such rows, and requests above `MAX_ROWS` rows, before the network runs, with an MlflowException that
-the server answers as HTTP 400 in MLflow's error format. Another limit for one server:
-`PIPELINE_SERVING_MAX_ROWS=5000 mlflow models serve ...` (MLflow's model config would be logged as
-parameters of the training's run).
+the server answers as HTTP 400 in MLflow's error format. Another limit for one server (not MLflow's
+model config, which would be logged as the run's params): `PIPELINE_SERVING_MAX_ROWS=5000 mlflow models serve`.
 """
 
 from __future__ import annotations
@@ -84,9 +83,7 @@ def description(side: int, classes: int) -> str:
 
 def max_rows() -> int:
     """The row limit of this server: `PIPELINE_SERVING_MAX_ROWS` if set, else `MAX_ROWS`."""
-    text = os.environ.get(MAX_ROWS_VARIABLE, "").strip()
-    if not text:
-        return MAX_ROWS
+    text = os.environ.get(MAX_ROWS_VARIABLE, "").strip() or str(MAX_ROWS)
     if not text.isdigit() or int(text) < 1:
         raise MlflowException(f"{MAX_ROWS_VARIABLE} must be a whole number of rows above 0, got {text!r}.")
     return int(text)

@@ -76,11 +76,9 @@ def quick_requests(error: BaseException) -> Iterator[None]:
     """For the cleanup after `error` (ending the run, sending what is left): if the store stopped
     answering (`unavailable`), one attempt of a few seconds per request, not every retry again. Then the
     settings are as before, or as `mlflow_module` sets them where they were not set."""
-    if not unavailable(error):
-        yield
-        return
     saved = {name: os.environ.get(name, _SETTINGS[name]) for name in _QUICK}
-    os.environ.update(_QUICK)
+    if unavailable(error):
+        os.environ.update(_QUICK)
     try:
         yield
     finally:
@@ -212,25 +210,23 @@ def check_reachable(uri: str, writing: bool = True) -> None:
 
     A server is asked what MLflow itself would ask (with MLflow's credentials: MLFLOW_TRACKING_USERNAME,
     MLFLOW_TRACKING_TOKEN, ...), so that "nothing answers", "answers but is not MLflow" and "MLflow, but
-    refuses us" each get their own message. A SQLite file is checked for damage and for another process
-    holding it locked (`sqlite.check`; for reading only, unless `writing`).
+    refuses us" each get their own message. A SQLite file's folder must exist, and the file is checked
+    for damage and for another process holding it locked (`sqlite.check`; for reading only, unless
+    `writing`). A database server must take connections: MLflow would retry for minutes, then end in a
+    traceback.
     """
-    _check_where(uri)
-    if db_file := sqlite_path(uri):
-        sqlite.check(db_file, _SQLITE_TIMEOUT, writing)
-
-
-def _check_where(uri: str) -> None:
-    """A server answers as MLflow; a SQLite file's folder exists; a database server takes connections."""
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
-    elif (db_file := sqlite_path(uri)) and not db_file.parent.is_dir():
-        raise TrackingError(
-            f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix MLFLOW_TRACKING_URI."
-        )
+    elif db_file := sqlite_path(uri):
+        if not db_file.parent.is_dir():
+            raise TrackingError(
+                f"the folder of the MLflow database {redacted(uri)} does not exist; create it or fix "
+                "MLFLOW_TRACKING_URI."
+            )
+        sqlite.check(db_file, _SQLITE_TIMEOUT, writing)
     elif uri.startswith("sqlite") or not database.check_driver(uri, "MLFLOW_TRACKING_URI"):
-        return  # a SQLite file (`sqlite.check` opens it), or no database server
-    elif reason := database.unusable(uri):  # MLflow would retry for minutes, then end in a traceback
+        return  # an in-memory SQLite database, or no database server
+    elif reason := database.unusable(uri):
         raise TrackingError(
             f"the MLflow database {redacted(uri)} cannot be used ({reason}); start its server, or "
             "fix MLFLOW_TRACKING_URI."
@@ -277,22 +273,27 @@ def _probe_server(uri: str) -> None:
     )
 
 
+def use_store(uri: str) -> ModuleType:
+    """`mlflow` (`mlflow_module`), pointed at `uri` for runs and for the model registry."""
+    mlflow = mlflow_module()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow
+
+
 def connect() -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
     uri = tracking_uri()
-    _check_where(uri)
-    mlflow = mlflow_module()
+    mlflow = use_store(uri)
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     db_file = sqlite_path(uri)
     # Two queued experiments may start on a store that does not exist yet: one process creates the
     # tables and the experiment while the other waits, instead of both racing to create them (and the
-    # waiting one would see the new file locked by the other).
-    with FileLock(f"{db_file}.lock") if db_file else nullcontext():
-        if db_file:
-            sqlite.check(db_file, _SQLITE_TIMEOUT)
+    # waiting one would see the new file locked by the other). No lock file in a folder that does not
+    # exist: `check_reachable` says so instead.
+    with FileLock(f"{db_file}.lock") if db_file and db_file.parent.is_dir() else nullcontext():
+        check_reachable(uri)
         try:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
             if experiment is None:
@@ -312,13 +313,8 @@ def connect() -> str:
                 raise TrackingError(f"{sqlite.unusable(db_file, found)}. Nothing was changed.") from None
             if not isinstance(error, MlflowException):
                 raise
-            if why := refused(error):
-                raise TrackingError(
-                    f"opening the experiment {EXPERIMENT} in {redacted(uri)} was refused: {why}."
-                ) from None
-            raise TrackingError(
-                f"the MLflow store {redacted(uri)} is unusable ({first_line(error)}); check MLFLOW_TRACKING_URI."
-            ) from None
+            what = f"opening the experiment {EXPERIMENT}"
+            raise TrackingError(failure(what, error, "check MLFLOW_TRACKING_URI")) from None
 
 
 def experiment_tags() -> dict[str, str]:

@@ -63,8 +63,7 @@ def main() -> None:
     threading.Thread(target=lambda: (sys.stdin.read(), os._exit(1)), daemon=True).start()
 
     def send(**message: object) -> None:
-        pipe.write(json.dumps(message) + "\n")
-        pipe.flush()
+        print(json.dumps(message), file=pipe, flush=True)
 
     quiet.configure_logging()
     try:

@@ -26,12 +26,8 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 def trial_line(study: optuna.Study, trial: FrozenTrial) -> str:
     """`trial 3: COMPLETE val_accuracy 0.9712; best so far 0.9731 (trial 1)`."""
     state = trial.state.name
-    if trial.value is not None and state == "COMPLETE":
-        figure = f" val_accuracy {trial.value:.4f}"
-    elif trial.value is not None:
-        figure = f" at val_accuracy {trial.value:.4f}"
-    else:
-        figure = ""
+    at = "" if state == "COMPLETE" else " at"  # a pruned trial's value is its last epoch's
+    figure = "" if trial.value is None else f"{at} val_accuracy {trial.value:.4f}"
     why = f" ({trial.user_attrs['fail_reason']})" if state == "FAIL" and "fail_reason" in trial.user_attrs else ""
     best = best_trial(study)
     so_far = f"best so far {best.value:.4f} (trial {best.number})" if best else "no trial complete yet"

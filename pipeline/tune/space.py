@@ -8,7 +8,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,16 @@ def _decoded(choice: Any) -> Any:
     return choice
 
 
+def _check_names(names: Iterable[Any], allowed: Sequence[str], unknown: str) -> None:
+    """Each of `names` is one of `allowed`; else `<unknown> '<name>'` in one sentence, with the closest
+    allowed name or the list of them."""
+    for name in names:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}."
+            raise ConfigError(f"{unknown} '{name}'; {hint}")
+
+
 def _check_key(key: Any, base: Params, file: Path, where: str) -> None:
     """A `section.key` of params.yaml that a trial may vary; else one sentence with a suggestion."""
     known = list(base.flat())
@@ -115,11 +125,7 @@ def _distribution(key: str, spec: Any, context: Params, file: Path) -> BaseDistr
             f"{where} = {spec!r} is not a distribution; write {{low: L, high: H}} (log: true, step: S optional) "
             "or {choices: [A, B, ...]}."
         )
-    for name in spec:
-        if name not in DISTRIBUTION_KEYS:
-            close = difflib.get_close_matches(str(name), DISTRIBUTION_KEYS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(DISTRIBUTION_KEYS)}."
-            raise ConfigError(f"{where}: unknown field '{name}'; {hint}")
+    _check_names(spec, DISTRIBUTION_KEYS, f"{where}: unknown field")
     if "choices" in spec:
         if extra := [name for name in spec if name != "choices"]:
             raise ConfigError(f"{where}: choices cannot be combined with {', '.join(extra)}; use one or the other.")
@@ -211,11 +217,7 @@ def read_space(file: Path, base: Params, pinned: dict[str, Any]) -> SearchSpace:
     document = {} if document is None else document
     if not isinstance(document, dict):
         raise ConfigError(f"{file}: expected the sections space: and fixed:, got {type(document).__name__}.")
-    for section in document:
-        if section not in ("space", "fixed"):
-            close = difflib.get_close_matches(str(section), ("space", "fixed"), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "allowed: space, fixed."
-            raise ConfigError(f"{file}: unknown section '{section}'; {hint}")
+    _check_names(document, ("space", "fixed"), f"{file}: unknown section")
     space, fixed = document.get("space") or {}, document.get("fixed") or {}
     for name, section in (("space", space), ("fixed", fixed)):
         if not isinstance(section, dict):

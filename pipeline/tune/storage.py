@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import database
 from pipeline.config import project_root
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, first_line
 from pipeline.tracking import redacted
 
 if TYPE_CHECKING:
@@ -102,8 +102,7 @@ def open_storage(
             )
         except Exception as error:  # SQLAlchemy and driver errors: a bad URL, a dead server
             if not _creation_race(error) or attempt == STORAGE_ATTEMPTS:
-                cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
-                reason = (str(cause).strip().splitlines() or [type(error).__name__])[0]
+                reason = first_line(error.__cause__ if isinstance(error.__cause__, Exception) else error)
                 raise TrackingError(
                     f"the Optuna storage {redacted(url)} cannot be opened ({redacted(reason, url)}); "
                     "fix --storage or OPTUNA_STORAGE."
